@@ -1,0 +1,150 @@
+//! The in-memory backend: for tests and for host programs that embed credproxy and hand
+//! it credentials they already hold. Everything is wiped by [`Backend::clear`] and on drop.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use super::{Backend, SaveMode, StoreError};
+use crate::names::{is_valid, NameKind};
+use crate::secret::Secret;
+use crate::token::Token;
+
+#[derive(Default)]
+struct Contents {
+    /// provider → bucket → token; BTreeMaps so that lists come out sorted.
+    tokens: BTreeMap<String, BTreeMap<String, Token>>,
+    keys: BTreeMap<String, Secret>,
+    cleared: bool,
+}
+
+/// An in-memory credential store.
+#[derive(Default)]
+pub struct MemoryBackend {
+    contents: Mutex<Contents>,
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend").finish_non_exhaustive()
+    }
+}
+
+impl MemoryBackend {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Seeds a token (with its refresh token) for `provider:bucket`; for host programs.
+    pub fn insert_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+        token: Token,
+    ) -> Result<(), StoreError> {
+        self.save_token(provider, bucket, &token, SaveMode::Replace)
+    }
+
+    /// Seeds an API key; for host programs.
+    pub fn insert_key(&self, name: &str, key: Secret) -> Result<(), StoreError> {
+        self.set_key(name, &key)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Contents>, StoreError> {
+        // A poisoned lock only means another thread panicked mid-call; the maps are still
+        // consistent because every mutation is a single insert or remove.
+        let guard = self.contents.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.cleared {
+            return Err(StoreError::Cleared);
+        }
+        Ok(guard)
+    }
+}
+
+fn check(kind: NameKind, name: &str) -> Result<(), StoreError> {
+    if is_valid(kind, name) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName)
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn is_blocking(&self) -> bool {
+        false
+    }
+
+    fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
+        let c = self.lock()?;
+        Ok(c.tokens.get(provider).and_then(|b| b.get(bucket)).cloned())
+    }
+
+    fn save_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+        incoming: &Token,
+        mode: SaveMode,
+    ) -> Result<(), StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let mut c = self.lock()?;
+        let buckets = c.tokens.entry(provider.to_owned()).or_default();
+        let next = match (mode, buckets.get(bucket)) {
+            (SaveMode::Merge, Some(stored)) => stored.merge(incoming),
+            _ => incoming.clone(),
+        };
+        buckets.insert(bucket.to_owned(), next);
+        Ok(())
+    }
+
+    fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
+        let mut c = self.lock()?;
+        let Some(buckets) = c.tokens.get_mut(provider) else {
+            return Ok(false);
+        };
+        let removed = buckets.remove(bucket).is_some();
+        if buckets.is_empty() {
+            c.tokens.remove(provider);
+        }
+        Ok(removed)
+    }
+
+    fn list_providers(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock()?.tokens.keys().cloned().collect())
+    }
+
+    fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let c = self.lock()?;
+        Ok(c.tokens
+            .get(provider)
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
+        Ok(self.lock()?.keys.get(name).cloned())
+    }
+
+    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
+        check(NameKind::Key, name)?;
+        self.lock()?.keys.insert(name.to_owned(), key.clone());
+        Ok(())
+    }
+
+    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.lock()?.keys.remove(name).is_some())
+    }
+
+    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock()?.keys.keys().cloned().collect())
+    }
+
+    fn clear(&self) {
+        let mut c = self.contents.lock().unwrap_or_else(|e| e.into_inner());
+        // Dropping the Tokens and Secrets wipes their memory.
+        c.tokens.clear();
+        c.keys.clear();
+        c.cleared = true;
+    }
+}

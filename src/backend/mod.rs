@@ -1,0 +1,103 @@
+//! Storage backends behind one trait: [`memory`] for tests and embedding, [`file`] for
+//! `credproxy serve` and `credproxy store`.
+//!
+//! A backend is synchronous. The [`CredentialStore`](crate::store::CredentialStore) actor
+//! runs a blocking backend (the file backend) on tokio's blocking pool and a non-blocking
+//! one (the memory backend) inline. Names reaching a backend are already validated
+//! (PROTOCOL.md §6); backends check again and refuse invalid names, so no caller can make
+//! one touch a path outside its directory.
+
+pub mod file;
+pub mod memory;
+
+use std::path::PathBuf;
+
+use crate::secret::Secret;
+use crate::token::Token;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+/// An internal storage failure. Its text may name host paths: it goes to the host's log
+/// and to the host program, never across the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done (`read`, `write`, `rename`, `lock`, ...).
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// A stored file could not be parsed; it is left untouched.
+    #[error("corrupt store file {path}: {reason}")]
+    Corrupt {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it (never its content).
+        reason: String,
+    },
+    /// A name failed validation inside the backend.
+    #[error("invalid name refused by the store")]
+    InvalidName,
+    /// The store was cleared by shutdown and holds nothing any more.
+    #[error("the store has been cleared")]
+    Cleared,
+}
+
+/// How [`Backend::save_token`] combines the incoming token with a stored one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveMode {
+    /// Merge into the stored token (PROTOCOL.md §6): what the sandbox's `save_token` does.
+    Merge,
+    /// Replace the stored token entirely: what the host's `credproxy store token set` does.
+    Replace,
+}
+
+/// A credential store. Every method is atomic with respect to every other caller,
+/// including other processes sharing a file store.
+pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
+    /// True when calls may block on I/O and must run off the actor thread.
+    fn is_blocking(&self) -> bool;
+
+    /// The token stored for `provider:bucket`, with its refresh token.
+    fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError>;
+
+    /// Stores `incoming` for `provider:bucket` (read, merge or replace, write, as one atomic
+    /// step under the store's lock).
+    fn save_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+        incoming: &Token,
+        mode: SaveMode,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the token of `provider:bucket`; `Ok(false)` when there was none.
+    fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError>;
+
+    /// Every provider with at least one stored token, sorted.
+    fn list_providers(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Every bucket of `provider` holding a token, sorted.
+    fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The API key called `name`.
+    fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError>;
+
+    /// Stores (or replaces) the API key called `name`.
+    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError>;
+
+    /// Deletes the API key called `name`; `Ok(false)` when there was none.
+    fn remove_key(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Every API key name, sorted.
+    fn list_keys(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Wipes every secret this backend holds in memory (called by shutdown). A file
+    /// backend holds none between calls, so this is a no-op for it.
+    fn clear(&self);
+}

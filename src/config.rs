@@ -1,0 +1,88 @@
+//! Server configuration: where the socket goes, which store, which profile, and every
+//! limit and timer, so that tests can run with a unique directory and short deadlines.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::policy::Profile;
+
+/// Limits and timers (PROTOCOL.md §11). The defaults are the protocol's values.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A frame that has started must be complete within this time of its first byte, so
+    /// a slow-drip client cannot hold a half-read frame open.
+    pub partial_frame_timeout: Duration,
+    /// A connection must finish the handshake within this time of accept, so connections
+    /// that never speak are closed.
+    pub handshake_timeout: Duration,
+    /// Requests accepted per connection per [`Limits::rate_window`]; 0 turns the limit off
+    /// (for benchmarks).
+    pub rate_limit: u32,
+    /// The window of the rate limit.
+    pub rate_window: Duration,
+    /// Requests in flight per connection, so one connection cannot queue unbounded work.
+    pub max_in_flight: usize,
+    /// One store operation longer than this is answered with `INTERNAL_ERROR`, so a stuck
+    /// disk cannot hang a client forever.
+    pub store_timeout: Duration,
+    /// How long shutdown lets requests in flight finish before closing their connections.
+    pub shutdown_grace: Duration,
+    /// After a session asks to close, how long it waits for the peer to take the last
+    /// reply before it is dropped anyway (a peer that never reads cannot pin it).
+    pub close_linger: Duration,
+    /// First pause after a failed accept (EMFILE and the like); doubles up to
+    /// [`Limits::accept_backoff_max`].
+    pub accept_backoff_min: Duration,
+    /// Longest pause between accept attempts while accept keeps failing.
+    pub accept_backoff_max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            partial_frame_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            rate_limit: 60,
+            rate_window: Duration::from_secs(1),
+            max_in_flight: 16,
+            store_timeout: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(5),
+            close_linger: Duration::from_secs(1),
+            accept_backoff_min: Duration::from_millis(100),
+            accept_backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Everything [`Supervisor::start`](crate::Supervisor::start) needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A directory chosen by the caller for the socket. It must exist, not be a symlink,
+    /// be owned by this uid and not be writable by group or others. `None`: the per-user
+    /// directory `{tmp}/llxprt-cred-{uid}` (created 0700 when missing).
+    pub socket_dir: Option<PathBuf>,
+    /// The credential store.
+    pub backend: Arc<dyn Backend>,
+    /// What the sandbox may reach.
+    pub profile: Profile,
+    /// Peer uids allowed besides this process's effective uid and root.
+    pub extra_uids: Vec<u32>,
+    /// Limits and timers.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// A configuration with the default socket directory, an empty profile (nothing
+    /// allowed) and the protocol's limits.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Config {
+            socket_dir: None,
+            backend,
+            profile: Profile::default(),
+            extra_uids: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! credproxy: a credential proxy for sandboxed processes.
+//!
+//! A host program (an AI coding agent's runtime, a sandbox launcher) starts the proxy with
+//! [`Supervisor::start`] before it spawns the sandbox. The proxy listens on a private Unix
+//! socket and answers typed requests from inside the sandbox (`get_token`,
+//! `get_api_key`, ...) over protocol v1 (PROTOCOL.md), compatible with the llxprt-code v1
+//! sandbox client. It strips every refresh token, enforces the loaded profile,
+//! rate-limits each connection and cleans everything up on shutdown.
+//!
+//! The server is an actix actor system:
+//! - [`Supervisor`] owns the socket (directory, bind 0600, stale sweep, accept, peer check,
+//!   session registry) and runs the shutdown sequence;
+//! - [`session::Session`], one per connection, owns framing, handshake, deadlines, the
+//!   rate limiter, the in-flight bound, request checks and dispatch;
+//! - [`store::CredentialStore`] owns the [`backend`] (memory or file), sanitize and merge,
+//!   per provider:bucket ordering and the `get_token` counters;
+//! - [`policy::ScopePolicy`] holds the [`policy::Profile`] and answers scope decisions.
+//!
+//! They talk only through typed messages, each defined next to the actor that handles it.
+//! The inside-the-sandbox side is [`client::Client`].
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod names;
+pub mod policy;
+pub mod protocol;
+pub mod rate_limit;
+pub mod secret;
+pub mod session;
+pub mod socket;
+pub mod store;
+pub mod supervisor;
+pub mod token;
+
+pub use config::{Config, Limits};
+pub use error::{Error, Result};
+pub use supervisor::{ServerHandle, Shutdown, ShutdownReport, Supervisor};

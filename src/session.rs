@@ -1,0 +1,632 @@
+//! The `Session` actor: one per connection. It owns the framing and its deadlines, the
+//! handshake, the connection's rate limiter and in-flight bound, the envelope and payload
+//! checks, and dispatch to the `ScopePolicy` and `CredentialStore` actors.
+//!
+//! Every request runs as its own future on the session (`ctx.spawn`), so a slow store call
+//! never holds up a fast one behind it; replies go out by id as they complete. A reply
+//! that ends the connection is written, then the writer is closed, and the actor stops
+//! once the bytes are flushed (or after the linger time for a peer that never reads).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::io::{FramedWrite, WriteHandler};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
+    SpawnHandle, StreamHandler, WrapFuture,
+};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+use tokio_util::codec::FramedRead;
+
+use crate::codec::{CodecError, FrameCodec, FrameEvent, MAX_FRAME_LEN};
+use crate::config::Limits;
+use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
+use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
+use crate::rate_limit::RateLimiter;
+use crate::store::{self, CredentialStore};
+
+/// Read buffer a new connection starts with; it grows to fit the frames actually sent.
+const INITIAL_READ_BUFFER: usize = 1024;
+
+/// What a session needs from the rest of the server; shared by every session.
+#[derive(Debug)]
+pub struct Shared {
+    /// The credential store.
+    pub store: Addr<CredentialStore>,
+    /// The scope policy.
+    pub policy: Addr<ScopePolicy>,
+    /// Told when a session has stopped.
+    pub closed: Recipient<SessionClosed>,
+    /// Limits and timers.
+    pub limits: Limits,
+}
+
+/// Who is on the other end, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer pid, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the handshake frame.
+    Handshake,
+    /// Serving requests.
+    Ready,
+    /// Reading stopped; close once the requests in flight are answered.
+    Draining,
+    /// Writer closing; nothing more is read or written.
+    Closing,
+}
+
+/// The session actor.
+pub struct Session {
+    id: u64,
+    peer: Peer,
+    shared: Arc<Shared>,
+    writer: FramedWrite<Vec<u8>, OwnedWriteHalf, FrameCodec>,
+    reader: Option<SpawnHandle>,
+    phase: Phase,
+    handshake_timer: Option<SpawnHandle>,
+    partial_timer: Option<SpawnHandle>,
+    limiter: RateLimiter,
+    /// Ids of the requests in flight, for the in-flight bound and duplicate ids.
+    in_flight: HashSet<String>,
+    /// Why the session is ending, for the close log line and the drain report.
+    close_reason: &'static str,
+    /// Requests answered on this connection.
+    answered: u64,
+    /// Shutdown waiting for this session to stop.
+    drain_waiters: Vec<oneshot::Sender<SessionReport>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .field("phase", &self.phase)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Starts a session actor on the current arbiter for an accepted, peer-checked stream.
+    pub fn spawn(stream: UnixStream, id: u64, peer: Peer, shared: Arc<Shared>) -> Addr<Session> {
+        Session::create(move |ctx| {
+            let (read, write) = stream.into_split();
+            let reader = ctx.add_stream(FramedRead::with_capacity(
+                read,
+                FrameCodec::new(),
+                INITIAL_READ_BUFFER,
+            ));
+            let limits = &shared.limits;
+            Session {
+                id,
+                peer,
+                writer: FramedWrite::new(write, FrameCodec::new(), ctx),
+                reader: Some(reader),
+                phase: Phase::Handshake,
+                handshake_timer: None,
+                partial_timer: None,
+                limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
+                in_flight: HashSet::new(),
+                close_reason: "eof",
+                answered: 0,
+                drain_waiters: Vec::new(),
+                shared,
+            }
+        })
+    }
+
+    fn send(&mut self, body: Vec<u8>) {
+        self.writer.write(body);
+    }
+
+    /// Sends a reply to request `id`, replacing one that would exceed the frame limit.
+    fn send_reply(&mut self, id: &str, body: Vec<u8>) {
+        if body.len() > MAX_FRAME_LEN {
+            let mut body = body;
+            zeroize::Zeroize::zeroize(&mut body);
+            tracing::warn!(
+                session = self.id,
+                "reply over the frame limit replaced by INTERNAL_ERROR"
+            );
+            self.send(protocol::error_reply(
+                Some(id),
+                None,
+                ErrorCode::InternalError,
+                "response too large",
+                None,
+            ));
+        } else {
+            self.send(body);
+        }
+    }
+
+    fn reject(&mut self, id: &str, rejection: &Rejection, retry_after: Option<u64>) {
+        let body = protocol::error_reply(
+            Some(id),
+            None,
+            rejection.code,
+            &rejection.message,
+            retry_after,
+        );
+        self.send(body);
+    }
+
+    /// Writes `last` (if any), then closes: nothing more is read, the writer flushes and
+    /// the actor stops when it is done or after the linger time.
+    fn close(&mut self, ctx: &mut Context<Self>, reason: &'static str, last: Option<Vec<u8>>) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        if let Some(body) = last {
+            self.send(body);
+        }
+        self.phase = Phase::Closing;
+        self.close_reason = reason;
+        for handle in [
+            self.reader.take(),
+            self.handshake_timer.take(),
+            self.partial_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ctx.cancel_future(handle);
+        }
+        self.writer.close();
+        ctx.run_later(self.shared.limits.close_linger, |_, ctx| ctx.stop());
+    }
+
+    /// Stops reading and closes once every request in flight has been answered.
+    fn drain(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
+        if matches!(self.phase, Phase::Closing | Phase::Draining) {
+            return;
+        }
+        self.phase = Phase::Draining;
+        self.close_reason = reason;
+        if let Some(handle) = self.reader.take() {
+            ctx.cancel_future(handle);
+        }
+        if self.in_flight.is_empty() {
+            self.close(ctx, reason, None);
+        }
+    }
+
+    fn on_frame(&mut self, body: Bytes, ctx: &mut Context<Self>) {
+        let frame = match protocol::parse_object(&body) {
+            Ok(frame) => frame,
+            Err(message) => {
+                tracing::debug!(session = self.id, "malformed frame; closing");
+                let last =
+                    protocol::error_reply(None, None, ErrorCode::InvalidRequest, message, None);
+                return self.close(ctx, "malformed-frame", Some(last));
+            }
+        };
+        match self.phase {
+            Phase::Handshake => self.on_handshake(&frame, ctx),
+            Phase::Ready => self.on_request(frame, ctx),
+            // Frames already buffered when draining began are not executed.
+            Phase::Draining | Phase::Closing => {}
+        }
+    }
+
+    fn on_handshake(
+        &mut self,
+        frame: &serde_json::Map<String, serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (code, message, reason) = match protocol::negotiate(frame) {
+            Handshake::Agreed(version) => {
+                if let Some(timer) = self.handshake_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                self.phase = Phase::Ready;
+                tracing::debug!(session = self.id, version, "handshake done");
+                return self.send(protocol::handshake_ok(version));
+            }
+            Handshake::NotHandshake => (
+                ErrorCode::InvalidRequest,
+                "handshake required",
+                "no-handshake",
+            ),
+            Handshake::NoVersion => (
+                ErrorCode::UnknownVersion,
+                "unsupported protocol version",
+                "unknown-version",
+            ),
+        };
+        let last = protocol::error_reply(None, Some("handshake"), code, message, None);
+        self.close(ctx, reason, Some(last));
+    }
+
+    /// Runs the checks of PROTOCOL.md §5 in order, then spawns the operation.
+    fn on_request(
+        &mut self,
+        frame: serde_json::Map<String, serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) {
+        let envelope = match protocol::parse_envelope(frame) {
+            Ok(envelope) => envelope,
+            Err((id, rejection)) => return self.reject(&id, &rejection, None),
+        };
+        let id = envelope.id;
+        if let Err(retry_after) = self.limiter.check(Instant::now()) {
+            let r = Rejection::new(ErrorCode::RateLimited, "rate limit exceeded; retry later");
+            return self.reject(&id, &r, Some(retry_after));
+        }
+        if self.in_flight.len() >= self.shared.limits.max_in_flight {
+            let r = Rejection::new(
+                ErrorCode::ResourceExhausted,
+                "too many requests in flight on this connection",
+            );
+            return self.reject(&id, &r, None);
+        }
+        if self.in_flight.contains(&id) {
+            return self.reject(&id, &Rejection::invalid("duplicate request id"), None);
+        }
+        let request = match protocol::parse_op(&envelope.op)
+            .and_then(|op| Request::parse(op, envelope.payload))
+        {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(&id, &rejection, None),
+        };
+        let op = request.op();
+        let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let (a, b) = request.target();
+            (a.map(str::to_owned), b.map(str::to_owned))
+        });
+        self.in_flight.insert(id.clone());
+        let work = execute(Arc::clone(&self.shared), request);
+        ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
+            act.finish(&id, op, target, result, ctx);
+        }));
+    }
+
+    fn finish(
+        &mut self,
+        id: &str,
+        op: Op,
+        target: Option<(Option<String>, Option<String>)>,
+        result: Result<ReplyData, Rejection>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.in_flight.remove(id);
+        self.answered += 1;
+        if let Some((name, bucket)) = target {
+            let outcome = result.as_ref().map_or_else(|r| r.code.as_str(), |_| "ok");
+            tracing::debug!(session = self.id, uid = self.peer.uid, pid = self.peer.pid, op = %op,
+                name = name.as_deref(), bucket = bucket.as_deref(), outcome, "request");
+        }
+        if self.phase == Phase::Closing {
+            return;
+        }
+        match result {
+            Ok(data) => {
+                let body = protocol::ok_reply(id, &data);
+                self.send_reply(id, body);
+            }
+            Err(rejection) => self.reject(id, &rejection, None),
+        }
+        if self.phase == Phase::Draining && self.in_flight.is_empty() {
+            let reason = self.close_reason;
+            self.close(ctx, reason, None);
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(
+            session = self.id,
+            uid = self.peer.uid,
+            pid = self.peer.pid,
+            "connection opened"
+        );
+        let timeout = self.shared.limits.handshake_timeout;
+        self.handshake_timer = Some(ctx.run_later(timeout, |act, ctx| {
+            act.handshake_timer = None;
+            if act.phase == Phase::Handshake {
+                act.close(ctx, "handshake-timeout", None);
+            }
+        }));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let abandoned = self.in_flight.len() as u64;
+        tracing::info!(
+            session = self.id,
+            reason = self.close_reason,
+            answered = self.answered,
+            abandoned,
+            "connection closed"
+        );
+        self.shared.closed.do_send(SessionClosed { id: self.id });
+        for waiter in self.drain_waiters.drain(..) {
+            let _ = waiter.send(SessionReport {
+                answered: self.answered,
+                abandoned,
+            });
+        }
+    }
+}
+
+impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
+    fn handle(&mut self, item: Result<FrameEvent, CodecError>, ctx: &mut Context<Self>) {
+        match item {
+            Ok(FrameEvent::Started) => {
+                let timeout = self.shared.limits.partial_frame_timeout;
+                self.partial_timer = Some(ctx.run_later(timeout, |act, ctx| {
+                    act.partial_timer = None;
+                    tracing::debug!(session = act.id, "partial frame not completed in time");
+                    act.close(ctx, "partial-frame-timeout", None);
+                }));
+            }
+            Ok(FrameEvent::Frame(body)) => {
+                if let Some(timer) = self.partial_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                self.on_frame(body, ctx);
+            }
+            Err(CodecError::Oversize(len)) => {
+                tracing::warn!(session = self.id, len, "frame over the size limit; closing");
+                self.close(ctx, "oversize-frame", None);
+            }
+            Err(CodecError::Truncated) => self.close(ctx, "eof-mid-frame", None),
+            Err(CodecError::Io(e)) => {
+                tracing::debug!(session = self.id, error = %e, "read failed");
+                self.close(ctx, "io-error", None);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // End of stream (the read side was not cancelled by us): answer what is in flight.
+        self.reader = None;
+        self.drain(ctx, "eof");
+    }
+}
+
+impl WriteHandler<std::io::Error> for Session {
+    fn error(&mut self, err: std::io::Error, _: &mut Context<Self>) -> actix::Running {
+        tracing::debug!(session = self.id, error = %err, "write failed");
+        if self.phase != Phase::Closing {
+            self.close_reason = "io-error";
+        }
+        actix::Running::Stop
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+/// Told to the supervisor when a session has stopped.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SessionClosed {
+    /// The session id.
+    pub id: u64,
+}
+
+/// What a drained session did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionReport {
+    /// Requests answered on the connection.
+    pub answered: u64,
+    /// Requests still in flight when the connection was closed (past the grace time).
+    pub abandoned: u64,
+}
+
+/// Shutdown step: stop reading, let the requests in flight finish for up to the grace
+/// time, close. Answers when the session has stopped.
+#[derive(Debug, Message)]
+#[rtype(result = "SessionReport")]
+pub struct Drain;
+
+impl Handler<Drain> for Session {
+    type Result = actix::ResponseFuture<SessionReport>;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.drain_waiters.push(tx);
+        self.drain(ctx, "shutdown");
+        let grace = self.shared.limits.shutdown_grace;
+        ctx.run_later(grace, |act, ctx| {
+            act.close(ctx, "shutdown-grace-expired", None)
+        });
+        Box::pin(async move { rx.await.unwrap_or_default() })
+    }
+}
+
+// ---- dispatch: plain async functions over typed messages ----
+
+fn internal() -> Rejection {
+    Rejection::new(
+        ErrorCode::InternalError,
+        "the credential store failed; see the host's log",
+    )
+}
+
+fn not_found(what: &str) -> Rejection {
+    Rejection::new(ErrorCode::NotFound, format!("no {what} stored"))
+}
+
+async fn scope(shared: &Shared, subject: Subject) -> Result<(), Rejection> {
+    let described = match &subject {
+        Subject::Read { provider, bucket } | Subject::Write { provider, bucket } => {
+            format!("{provider}:{bucket}")
+        }
+        Subject::Provider(p) => format!("provider {p}"),
+        Subject::Key(k) => format!("API key {k}"),
+    };
+    match shared.policy.send(policy::Check(subject)).await {
+        Ok(Decision::Allow) => Ok(()),
+        Ok(Decision::Unauthorized) => Err(Rejection::new(
+            ErrorCode::Unauthorized,
+            format!("UNAUTHORIZED: {described} is outside the loaded profile"),
+        )),
+        Ok(Decision::Forbidden) => Err(Rejection::new(
+            ErrorCode::Forbidden,
+            "the credential proxy is read-only",
+        )),
+        Err(_) => Err(internal()),
+    }
+}
+
+async fn filtered(
+    shared: &Shared,
+    kind: ListKind,
+    names: Vec<String>,
+) -> Result<Vec<String>, Rejection> {
+    shared
+        .policy
+        .send(policy::Filter { kind, names })
+        .await
+        .map_err(|_| internal())
+}
+
+/// Runs one checked request: scope, then the store.
+async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rejection> {
+    let sh = shared.as_ref();
+    let store = &sh.store;
+    match request {
+        Request::GetToken { provider, bucket } => {
+            scope(
+                sh,
+                Subject::Read {
+                    provider: provider.clone(),
+                    bucket: bucket.clone(),
+                },
+            )
+            .await?;
+            match store.send(store::GetToken { provider, bucket }).await {
+                Ok(Ok(Some(token))) => Ok(ReplyData::Token(token)),
+                Ok(Ok(None)) => Err(not_found("token")),
+                _ => Err(internal()),
+            }
+        }
+        Request::SaveToken {
+            provider,
+            bucket,
+            token,
+        } => {
+            scope(
+                sh,
+                Subject::Write {
+                    provider: provider.clone(),
+                    bucket: bucket.clone(),
+                },
+            )
+            .await?;
+            match store
+                .send(store::SaveToken {
+                    provider,
+                    bucket,
+                    token,
+                })
+                .await
+            {
+                Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
+                _ => Err(internal()),
+            }
+        }
+        Request::RemoveToken { provider, bucket } => {
+            scope(
+                sh,
+                Subject::Write {
+                    provider: provider.clone(),
+                    bucket: bucket.clone(),
+                },
+            )
+            .await?;
+            match store.send(store::RemoveToken { provider, bucket }).await {
+                Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
+                _ => Err(internal()),
+            }
+        }
+        Request::ListProviders => {
+            let all = store
+                .send(store::ListProviders)
+                .await
+                .map_err(|_| internal())?;
+            let providers = filtered(sh, ListKind::Providers, all).await?;
+            Ok(ReplyData::Json(json!({ "providers": providers })))
+        }
+        Request::ListBuckets { provider } => {
+            scope(sh, Subject::Provider(provider.clone())).await?;
+            let all = store
+                .send(store::ListBuckets {
+                    provider: provider.clone(),
+                })
+                .await
+                .map_err(|_| internal())?;
+            let buckets = filtered(sh, ListKind::Buckets(provider), all).await?;
+            Ok(ReplyData::Json(json!({ "buckets": buckets })))
+        }
+        Request::GetBucketStats { provider, bucket } => {
+            scope(
+                sh,
+                Subject::Read {
+                    provider: provider.clone(),
+                    bucket: bucket.clone(),
+                },
+            )
+            .await?;
+            match store
+                .send(store::GetStats {
+                    provider,
+                    bucket: bucket.clone(),
+                })
+                .await
+            {
+                Ok(Ok(Some(stats))) => {
+                    let mut data = json!({
+                        "bucket": bucket,
+                        "requestCount": stats.request_count,
+                        "percentage": stats.percentage,
+                    });
+                    if let Some(ms) = stats.last_used {
+                        data["lastUsed"] = json!(ms);
+                    }
+                    Ok(ReplyData::Json(data))
+                }
+                Ok(Ok(None)) => Err(not_found("token")),
+                _ => Err(internal()),
+            }
+        }
+        Request::GetApiKey { name } => {
+            scope(sh, Subject::Key(name.clone())).await?;
+            match store.send(store::GetKey { name }).await {
+                Ok(Ok(Some(key))) => Ok(ReplyData::Json(json!({ "key": key.expose() }))),
+                Ok(Ok(None)) => Err(not_found("API key")),
+                _ => Err(internal()),
+            }
+        }
+        Request::ListApiKeys => {
+            let all = store.send(store::ListKeys).await.map_err(|_| internal())?;
+            let keys = filtered(sh, ListKind::Keys, all).await?;
+            Ok(ReplyData::Json(json!({ "keys": keys })))
+        }
+        Request::HasApiKey { name } => {
+            scope(sh, Subject::Key(name.clone())).await?;
+            match store.send(store::GetKey { name }).await {
+                Ok(Ok(key)) => Ok(ReplyData::Json(json!({ "exists": key.is_some() }))),
+                _ => Err(internal()),
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The `CredentialStore` actor: owns the backend, sanitizes on the way out, merges on
+//! save, keeps the per-bucket `get_token` counters, and wipes what it holds on `Clear`.
+//!
+//! Ordering: a save or remove of one `provider:bucket` holds that key's lock from before
+//! it reads until after it writes, and locks are granted first come, first served, so
+//! saves and removes of one key never interleave and a remove issued while a save runs
+//! waits for it and then wins. A blocking backend (the file backend) runs on tokio's
+//! blocking pool; the memory backend runs inline on the actor, which orders it trivially.
+//! Every operation is bounded by the store timeout; one that overruns is answered with a
+//! failure (the blocking call itself finishes in the background, still holding its lock).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::{fut, Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::backend::{Backend, SaveMode, StoreError};
+use crate::secret::Secret;
+use crate::token::Token;
+
+/// A store operation failed or timed out. The cause has been logged by the store; the
+/// session answers `INTERNAL_ERROR` without details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreFailed;
+
+/// A store reply.
+pub type StoreResult<T> = Result<T, StoreFailed>;
+
+/// `get_bucket_stats` data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketStats {
+    /// `get_token` calls answered for this provider:bucket.
+    pub request_count: u64,
+    /// Share of the provider's `get_token` calls, 0 to 100.
+    pub percentage: f64,
+    /// Epoch milliseconds of the last one.
+    pub last_used: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counter {
+    count: u64,
+    last_used_ms: u64,
+}
+
+/// The credential store actor.
+#[derive(Debug)]
+pub struct CredentialStore {
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+    /// Per provider:bucket write locks for a blocking backend; an entry is dropped again
+    /// when no operation holds or waits for it.
+    locks: HashMap<(String, String), Arc<AsyncMutex<()>>>,
+    /// provider → bucket → get_token counter.
+    stats: HashMap<String, HashMap<String, Counter>>,
+}
+
+impl CredentialStore {
+    /// A store over `backend`, bounding each operation by `timeout`.
+    pub fn new(backend: Arc<dyn Backend>, timeout: Duration) -> Self {
+        CredentialStore {
+            backend,
+            timeout,
+            locks: HashMap::new(),
+            stats: HashMap::new(),
+        }
+    }
+
+    /// Runs `op` against the backend: inline for a non-blocking backend, else on the
+    /// blocking pool under the key's lock (when `key` is given), bounded by the timeout.
+    fn run<T, F>(
+        &mut self,
+        what: &'static str,
+        key: Option<(&str, &str)>,
+        op: F,
+    ) -> ResponseActFuture<Self, StoreResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Backend) -> Result<T, StoreError> + Send + 'static,
+    {
+        if !self.backend.is_blocking() {
+            let result = op(self.backend.as_ref()).map_err(|e| failed(what, &e));
+            return Box::pin(fut::ready(result));
+        }
+        let backend = Arc::clone(&self.backend);
+        let lock = key
+            .map(|(p, b)| Arc::clone(self.locks.entry((p.to_owned(), b.to_owned())).or_default()));
+        let key = key.map(|(p, b)| (p.to_owned(), b.to_owned()));
+        let timeout = self.timeout;
+        let work = async move {
+            let guard = match lock {
+                Some(lock) => Some(lock.lock_owned().await),
+                None => None,
+            };
+            let job = tokio::task::spawn_blocking(move || {
+                let _held = guard;
+                op(backend.as_ref())
+            });
+            match job.await {
+                Ok(result) => result.map_err(|e| failed(what, &e)),
+                Err(_) => {
+                    tracing::error!(op = what, "store operation panicked");
+                    Err(StoreFailed)
+                }
+            }
+        };
+        Box::pin(
+            with_timeout(timeout, what, work)
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    if let Some(key) = key {
+                        if act
+                            .locks
+                            .get(&key)
+                            .is_some_and(|l| Arc::strong_count(l) == 1)
+                        {
+                            act.locks.remove(&key);
+                        }
+                    }
+                    result
+                }),
+        )
+    }
+
+    fn record_get(&mut self, provider: &str, bucket: &str) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let counter = self
+            .stats
+            .entry(provider.to_owned())
+            .or_default()
+            .entry(bucket.to_owned())
+            .or_default();
+        counter.count += 1;
+        counter.last_used_ms = now_ms;
+    }
+
+    fn stats_for(&self, provider: &str, bucket: &str) -> BucketStats {
+        let buckets = self.stats.get(provider);
+        let total: u64 = buckets.map_or(0, |b| b.values().map(|c| c.count).sum());
+        let counter = buckets
+            .and_then(|b| b.get(bucket))
+            .copied()
+            .unwrap_or_default();
+        BucketStats {
+            request_count: counter.count,
+            percentage: if total == 0 {
+                0.0
+            } else {
+                counter.count as f64 * 100.0 / total as f64
+            },
+            last_used: (counter.count > 0).then_some(counter.last_used_ms),
+        }
+    }
+}
+
+fn failed(what: &'static str, e: &StoreError) -> StoreFailed {
+    tracing::error!(op = what, error = %e, "store operation failed");
+    StoreFailed
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    what: &'static str,
+    work: impl Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(
+                op = what,
+                timeout_ms = timeout.as_millis() as u64,
+                "store operation timed out"
+            );
+            Err(StoreFailed)
+        }
+    }
+}
+
+impl Actor for CredentialStore {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // Safety net for a System stopped without the Shutdown sequence.
+        self.backend.clear();
+    }
+}
+
+/// Reads the sanitized token of `provider:bucket`; counts the call for stats when found.
+#[derive(Debug, Message)]
+#[rtype(result = "StoreResult<Option<Token>>")]
+pub struct GetToken {
+    /// Provider.
+    pub provider: String,
+    /// Bucket.
+    pub bucket: String,
+}
+
+impl Handler<GetToken> for CredentialStore {
+    type Result = ResponseActFuture<Self, StoreResult<Option<Token>>>;
+
+    fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
+        let (p, b) = (msg.provider.clone(), msg.bucket.clone());
+        let read = self.run("get_token", None, move |s| {
+            Ok(s.get_token(&p, &b)?.map(|t| t.sanitized()))
+        });
+        Box::pin(read.map(move |result, act, _| {
+            if let Ok(Some(_)) = &result {
+                act.record_get(&msg.provider, &msg.bucket);
+            }
+            result
+        }))
+    }
+}
+
+/// Merges a token from the sandbox (already without refresh token) into the store.
+#[derive(Debug, Message)]
+#[rtype(result = "StoreResult<()>")]
+pub struct SaveToken {
+    /// Provider.
+    pub provider: String,
+    /// Bucket.
+    pub bucket: String,
+    /// The incoming token.
+    pub token: Token,
+}
+
+impl Handler<SaveToken> for CredentialStore {
+    type Result = ResponseActFuture<Self, StoreResult<()>>;
+
+    fn handle(&mut self, msg: SaveToken, _: &mut Context<Self>) -> Self::Result {
+        let key = (msg.provider.clone(), msg.bucket.clone());
+        self.run("save_token", Some((&key.0, &key.1)), move |s| {
+            s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge)
+        })
+    }
+}
+
+/// Deletes a token. A failing delete is logged and still reported as done (PROTOCOL.md §7).
+#[derive(Debug, Message)]
+#[rtype(result = "StoreResult<()>")]
+pub struct RemoveToken {
+    /// Provider.
+    pub provider: String,
+    /// Bucket.
+    pub bucket: String,
+}
+
+impl Handler<RemoveToken> for CredentialStore {
+    type Result = ResponseActFuture<Self, StoreResult<()>>;
+
+    fn handle(&mut self, msg: RemoveToken, _: &mut Context<Self>) -> Self::Result {
+        let key = (msg.provider.clone(), msg.bucket.clone());
+        let remove = self.run("remove_token", Some((&key.0, &key.1)), move |s| {
+            s.remove_token(&msg.provider, &msg.bucket).map(drop)
+        });
+        // The failure itself was logged by `run`; the protocol answers success.
+        Box::pin(remove.map(|_, _, _| Ok(())))
+    }
+}
+
+/// Lists providers holding tokens (unfiltered; the session asks the policy to filter).
+/// A store that cannot be listed gives an empty list and a logged warning.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<String>")]
+pub struct ListProviders;
+
+impl Handler<ListProviders> for CredentialStore {
+    type Result = ResponseActFuture<Self, Vec<String>>;
+
+    fn handle(&mut self, _: ListProviders, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(
+            self.run("list_providers", None, |s| s.list_providers())
+                .map(|r, _, _| r.unwrap_or_default()),
+        )
+    }
+}
+
+/// Lists the buckets of a provider (unfiltered).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<String>")]
+pub struct ListBuckets {
+    /// Provider.
+    pub provider: String,
+}
+
+impl Handler<ListBuckets> for CredentialStore {
+    type Result = ResponseActFuture<Self, Vec<String>>;
+
+    fn handle(&mut self, msg: ListBuckets, _: &mut Context<Self>) -> Self::Result {
+        let list = self.run("list_buckets", None, move |s| s.list_buckets(&msg.provider));
+        Box::pin(list.map(|r, _, _| r.unwrap_or_default()))
+    }
+}
+
+/// Stats of `provider:bucket`; `None` when no token is stored there.
+#[derive(Debug, Message)]
+#[rtype(result = "StoreResult<Option<BucketStats>>")]
+pub struct GetStats {
+    /// Provider.
+    pub provider: String,
+    /// Bucket.
+    pub bucket: String,
+}
+
+impl Handler<GetStats> for CredentialStore {
+    type Result = ResponseActFuture<Self, StoreResult<Option<BucketStats>>>;
+
+    fn handle(&mut self, msg: GetStats, _: &mut Context<Self>) -> Self::Result {
+        let (p, b) = (msg.provider.clone(), msg.bucket.clone());
+        let exists = self.run("get_bucket_stats", None, move |s| {
+            Ok(s.get_token(&p, &b)?.is_some())
+        });
+        Box::pin(exists.map(move |r, act, _| {
+            r.map(|found| found.then(|| act.stats_for(&msg.provider, &msg.bucket)))
+        }))
+    }
+}
+
+/// Reads an API key.
+#[derive(Debug, Message)]
+#[rtype(result = "StoreResult<Option<Secret>>")]
+pub struct GetKey {
+    /// Key name.
+    pub name: String,
+}
+
+impl Handler<GetKey> for CredentialStore {
+    type Result = ResponseActFuture<Self, StoreResult<Option<Secret>>>;
+
+    fn handle(&mut self, msg: GetKey, _: &mut Context<Self>) -> Self::Result {
+        self.run("get_api_key", None, move |s| s.get_key(&msg.name))
+    }
+}
+
+/// Lists API key names (unfiltered).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<String>")]
+pub struct ListKeys;
+
+impl Handler<ListKeys> for CredentialStore {
+    type Result = ResponseActFuture<Self, Vec<String>>;
+
+    fn handle(&mut self, _: ListKeys, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(
+            self.run("list_api_keys", None, |s| s.list_keys())
+                .map(|r, _, _| r.unwrap_or_default()),
+        )
+    }
+}
+
+/// Shutdown step: wipe every secret held in memory (backend contents, counters) and stop.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Clear;
+
+impl Handler<Clear> for CredentialStore {
+    type Result = ();
+
+    fn handle(&mut self, _: Clear, ctx: &mut Context<Self>) {
+        self.backend.clear();
+        self.stats.clear();
+        self.locks.clear();
+        actix::ActorContext::stop(ctx);
+    }
+}

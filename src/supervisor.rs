@@ -1,0 +1,425 @@
+//! The `Supervisor` actor: owns the socket. It prepares the directory, binds the socket
+//! 0600, sweeps stale sockets, accepts, checks each peer, spawns one `Session` per
+//! connection, keeps the registry, and runs the shutdown sequence.
+//!
+//! [`Supervisor::start`] is the entry point of a host program. It runs the actor system on
+//! a dedicated thread (so it works from a plain `fn main`, inside a tokio program and
+//! inside an actix System alike), returns once the socket is listening, and hands back a
+//! [`ServerHandle`].
+//!
+//! Shutdown sequence (PROTOCOL.md §12; ARCHITECTURE.md keeps the same numbered list):
+//! 1. stop accepting: the listener is dropped, new connections are refused;
+//! 2. every session stops reading and lets its requests in flight finish, for up to the
+//!    shutdown grace time;
+//! 3. every connection is closed (after its last reply is flushed);
+//! 4. every timer is cancelled (they belong to the sessions, which have stopped);
+//! 5. the `CredentialStore` wipes every secret it holds and stops, then the `ScopePolicy`
+//!    forgets the profile and stops;
+//! 6. the socket file is removed (the per-user directory stays);
+//! 7. the [`ShutdownReport`] is returned and the actor system ends.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message,
+    ResponseActFuture, SpawnHandle, StreamHandler, WrapFuture,
+};
+use futures_util::future::join_all;
+use futures_util::Stream;
+use nix::unistd::geteuid;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Sleep;
+
+use crate::config::{Config, Limits};
+use crate::error::{Error, Result};
+use crate::policy::{self, ScopePolicy};
+use crate::session::{self, Peer, Session, SessionClosed, Shared};
+use crate::socket;
+use crate::store::{self, CredentialStore};
+
+/// The supervisor actor. Named like actix's own `Supervisor`: do not glob-import
+/// `actix::prelude` next to it.
+pub struct Supervisor {
+    path: PathBuf,
+    inode: u64,
+    listener: Option<UnixListener>,
+    accept: Option<SpawnHandle>,
+    allowed_uids: Vec<u32>,
+    limits: Limits,
+    store: Addr<CredentialStore>,
+    policy: Addr<ScopePolicy>,
+    shared: Option<Arc<Shared>>,
+    sessions: HashMap<u64, Addr<Session>>,
+    next_id: u64,
+    rejected_peers: u64,
+    shutting_down: bool,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("path", &self.path)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the shutdown sequence did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections open when shutdown began, all closed now.
+    pub connections_closed: usize,
+    /// Requests answered on those connections (including during the grace time).
+    pub requests_answered: u64,
+    /// Requests abandoned because the grace time ran out.
+    pub requests_abandoned: u64,
+    /// The credential store was wiped and stopped.
+    pub store_cleared: bool,
+    /// The policy was cleared and stopped.
+    pub policy_cleared: bool,
+    /// The socket file was removed.
+    pub socket_removed: bool,
+    /// The socket path.
+    pub socket_path: PathBuf,
+}
+
+impl Supervisor {
+    /// Starts the proxy and returns once the socket is listening. A directory, path or
+    /// bind failure is returned here, before the host spawns any sandbox.
+    ///
+    /// This inherent function is unrelated to `actix::Supervisor` and to
+    /// `Actor::start(self)`; path syntax (`Supervisor::start(config)`) resolves to it.
+    pub fn start(config: Config) -> Result<ServerHandle> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("credproxy".into())
+            .spawn(move || {
+                let system = actix::System::new();
+                match system.block_on(async { Supervisor::launch(config) }) {
+                    Ok(started) => {
+                        let _ = tx.send(Ok(started));
+                        let _ = system.run();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|source| Error::Io {
+                what: "cannot start the credential proxy thread".into(),
+                source,
+            })?;
+        match rx.recv() {
+            Ok(Ok((addr, path))) => Ok(ServerHandle {
+                addr,
+                path,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(Error::NotRunning)
+            }
+        }
+    }
+
+    /// Prepares the socket and starts the actors on the current System.
+    fn launch(config: Config) -> Result<(Addr<Supervisor>, PathBuf)> {
+        let dir = match &config.socket_dir {
+            Some(dir) => {
+                socket::check_caller_dir(dir)?;
+                dir.clone()
+            }
+            None => {
+                let dir = socket::default_dir()?;
+                socket::prepare_default_dir(&dir)?;
+                dir
+            }
+        };
+        let path = socket::socket_path(&dir)?;
+        let (std_listener, inode) = socket::bind(&path)?;
+        socket::sweep_stale(&dir, &path);
+        let listener = UnixListener::from_std(std_listener).map_err(|source| Error::Bind {
+            path: path.clone(),
+            source,
+        })?;
+        if config.profile.allows_nothing() {
+            tracing::warn!("the profile allows nothing: every credential request will be refused (use --allow, --allow-key or --allow-all)");
+        }
+        let euid = geteuid().as_raw();
+        let mut allowed_uids = vec![euid, 0];
+        allowed_uids.extend(&config.extra_uids);
+        let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();
+        let policy = ScopePolicy::new(config.profile).start();
+        let supervisor = Supervisor {
+            path: path.clone(),
+            inode,
+            listener: Some(listener),
+            accept: None,
+            allowed_uids,
+            limits: config.limits,
+            store,
+            policy,
+            shared: None,
+            sessions: HashMap::new(),
+            next_id: 0,
+            rejected_peers: 0,
+            shutting_down: false,
+        }
+        .start();
+        tracing::info!(socket = %path.display(), "credential proxy listening");
+        Ok((supervisor, path))
+    }
+
+    fn peer_allowed(&self, peer: &Peer) -> bool {
+        self.allowed_uids.contains(&peer.uid)
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.shared = Some(Arc::new(Shared {
+            store: self.store.clone(),
+            policy: self.policy.clone(),
+            closed: ctx.address().recipient(),
+            limits: self.limits.clone(),
+        }));
+        if let Some(listener) = self.listener.take() {
+            let stream = AcceptStream {
+                listener,
+                pause: None,
+                backoff: self.limits.accept_backoff_min,
+                min: self.limits.accept_backoff_min,
+                max: self.limits.accept_backoff_max,
+            };
+            self.accept = Some(ctx.add_stream(stream));
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The socket goes whatever way we stop; Shutdown already removed it normally.
+        socket::remove_socket(&self.path, self.inode);
+        actix::System::current().stop();
+    }
+}
+
+impl StreamHandler<UnixStream> for Supervisor {
+    fn handle(&mut self, stream: UnixStream, _: &mut Context<Self>) {
+        let peer = match stream.peer_cred() {
+            Ok(cred) => Peer {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; connection dropped");
+                return;
+            }
+        };
+        if !self.peer_allowed(&peer) {
+            self.rejected_peers += 1;
+            tracing::warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                "connection from a foreign uid refused"
+            );
+            return;
+        }
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        self.sessions
+            .insert(id, Session::spawn(stream, id, peer, shared));
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // The accept stream never ends by itself; it is only cancelled by Shutdown.
+    }
+}
+
+impl Handler<SessionClosed> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionClosed, _: &mut Context<Self>) {
+        self.sessions.remove(&msg.id);
+    }
+}
+
+/// Asks how many sessions are open (for tests and monitoring).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct SessionCount;
+
+impl Handler<SessionCount> for Supervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: SessionCount, _: &mut Context<Self>) -> usize {
+        self.sessions.len()
+    }
+}
+
+/// Runs the shutdown sequence (see the module doc) and answers with its report. A second
+/// `Shutdown` while one runs gets an empty report.
+#[derive(Debug, Message)]
+#[rtype(result = "ShutdownReport")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ResponseActFuture<Self, ShutdownReport>;
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Box::pin(actix::fut::ready(ShutdownReport::default()));
+        }
+        self.shutting_down = true;
+        tracing::info!(sessions = self.sessions.len(), "shutdown: stop accepting");
+        // 1. stop accepting: cancelling the stream drops the listener.
+        if let Some(handle) = self.accept.take() {
+            ctx.cancel_future(handle);
+        }
+        self.listener = None;
+        // 2-4. drain and close every session (each bounds itself by the grace time).
+        let sessions: Vec<_> = self.sessions.values().cloned().collect();
+        let count = sessions.len();
+        let drained = join_all(sessions.into_iter().map(|s| s.send(session::Drain)));
+        let (store, policy) = (self.store.clone(), self.policy.clone());
+        let work = async move {
+            let mut report = ShutdownReport {
+                connections_closed: count,
+                ..ShutdownReport::default()
+            };
+            for r in drained.await.into_iter().flatten() {
+                report.requests_answered += r.answered;
+                report.requests_abandoned += r.abandoned;
+            }
+            // 5. wipe the store, then the policy.
+            report.store_cleared = store.send(store::Clear).await.is_ok();
+            report.policy_cleared = policy.send(policy::Clear).await.is_ok();
+            report
+        };
+        Box::pin(work.into_actor(self).map(|mut report, act, ctx| {
+            // 6. remove the socket file; 7. report, and stop (which ends the System).
+            report.socket_removed = socket::remove_socket(&act.path, act.inode);
+            report.socket_path = act.path.clone();
+            tracing::info!(?report, "shutdown complete");
+            ctx.stop();
+            report
+        }))
+    }
+}
+
+/// The listener as a stream of accepted connections. A failed accept (EMFILE, ENFILE,
+/// ENOMEM, ...) is logged and pauses accepting for a backoff that doubles from `min` to
+/// `max`, so a persistent error cannot spin the thread; a success resets it.
+struct AcceptStream {
+    listener: UnixListener,
+    pause: Option<Pin<Box<Sleep>>>,
+    backoff: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Stream for AcceptStream {
+    type Item = UnixStream;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<UnixStream>> {
+        let this = &mut *self;
+        loop {
+            if let Some(pause) = this.pause.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.pause = None;
+            }
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, _))) => {
+                    this.backoff = this.min;
+                    return Poll::Ready(Some(stream));
+                }
+                Poll::Ready(Err(e)) if is_transient(&e) => continue,
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, backoff_ms = this.backoff.as_millis() as u64, "accept failed; pausing");
+                    this.pause = Some(Box::pin(tokio::time::sleep(this.backoff)));
+                    this.backoff = (this.backoff * 2).min(this.max);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+    )
+}
+
+/// A running proxy, returned by [`Supervisor::start`]. Dropping it shuts the proxy down.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: Addr<Supervisor>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The socket's absolute path (what `LLXPRT_CREDENTIAL_SOCKET` should say).
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The supervisor's address, to send it messages from any executor.
+    pub fn addr(&self) -> &Addr<Supervisor> {
+        &self.addr
+    }
+
+    /// Runs the shutdown sequence and waits until the proxy's thread has ended. For async
+    /// callers (any executor).
+    pub async fn shutdown(mut self) -> Result<ShutdownReport> {
+        let report = self
+            .addr
+            .send(Shutdown)
+            .await
+            .map_err(|_| Error::NotRunning);
+        let thread = self.thread.take();
+        // The System stops right after the reply; joining only waits for the thread to exit.
+        if let Some(thread) = thread {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(thread.join());
+            });
+            let _ = rx.await;
+        }
+        report
+    }
+
+    /// [`ServerHandle::shutdown`] for synchronous callers. Do not call it on an async
+    /// executor's thread; await `shutdown()` there.
+    pub fn shutdown_blocking(self) -> Result<ShutdownReport> {
+        futures_executor::block_on(self.shutdown())
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let reply = self.addr.send(Shutdown);
+            let _ = futures_executor::block_on(reply);
+            let _ = thread.join();
+        }
+    }
+}

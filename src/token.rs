@@ -1,0 +1,269 @@
+//! The OAuth token shape, and the sanitize and merge rules (PROTOCOL.md §6).
+//!
+//! A [`Token`] is a JSON object with at least `access_token` (non-empty string), `expiry`
+//! (number, epoch seconds) and `token_type` (string); `refresh_token` (string) and `scope`
+//! (string or null) are optional and every other field is kept as it is. Its `Debug`
+//! prints only field names, and every string in it is wiped on drop.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::secret::wipe_json;
+
+/// The field that must never cross the socket.
+pub const REFRESH_TOKEN: &str = "refresh_token";
+
+/// Why a JSON value is not a valid token. The text is safe to send to a client: it names
+/// fields, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The value is not a JSON object.
+    #[error("token must be a JSON object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("token is missing {0}")]
+    Missing(&'static str),
+    /// A field has the wrong JSON type or an empty value.
+    #[error("token field {0} {1}")]
+    BadField(&'static str, &'static str),
+}
+
+/// A validated token. Every string in it is wiped when it is dropped.
+#[derive(Clone, PartialEq)]
+pub struct Token {
+    fields: Map<String, Value>,
+}
+
+impl Token {
+    /// Validates a JSON value as a token, keeping every field (including `refresh_token`).
+    pub fn from_value(value: Value) -> Result<Token, TokenError> {
+        match value {
+            Value::Object(fields) => Token::from_map(fields),
+            mut other => {
+                wipe_json(&mut other);
+                Err(TokenError::NotAnObject)
+            }
+        }
+    }
+
+    /// Validates a JSON object as a token.
+    pub fn from_map(fields: Map<String, Value>) -> Result<Token, TokenError> {
+        // Wrap first so that the fields are wiped on the error path too.
+        let token = Token { fields };
+        token.validate()?;
+        Ok(token)
+    }
+
+    /// Parses and validates token JSON text (the store file, or `credproxy store` input).
+    pub fn from_json(text: &[u8]) -> Result<Token, TokenError> {
+        let value: Value = serde_json::from_slice(text).map_err(|_| TokenError::NotAnObject)?;
+        Token::from_value(value)
+    }
+
+    fn validate(&self) -> Result<(), TokenError> {
+        match self.fields.get("access_token") {
+            None => return Err(TokenError::Missing("access_token")),
+            Some(Value::String(s)) if !s.is_empty() => {}
+            Some(Value::String(_)) => {
+                return Err(TokenError::BadField("access_token", "must not be empty"))
+            }
+            Some(_) => return Err(TokenError::BadField("access_token", "must be a string")),
+        }
+        match self.fields.get("expiry") {
+            None => return Err(TokenError::Missing("expiry")),
+            Some(Value::Number(_)) => {}
+            Some(_) => {
+                return Err(TokenError::BadField(
+                    "expiry",
+                    "must be a number (epoch seconds)",
+                ))
+            }
+        }
+        match self.fields.get("token_type") {
+            None => return Err(TokenError::Missing("token_type")),
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(TokenError::BadField("token_type", "must be a string")),
+        }
+        match self.fields.get(REFRESH_TOKEN) {
+            None | Some(Value::String(_)) | Some(Value::Null) => {}
+            Some(_) => return Err(TokenError::BadField(REFRESH_TOKEN, "must be a string")),
+        }
+        match self.fields.get("scope") {
+            None | Some(Value::String(_)) | Some(Value::Null) => {}
+            Some(_) => return Err(TokenError::BadField("scope", "must be a string or null")),
+        }
+        Ok(())
+    }
+
+    /// Validates a token that arrived from the sandbox: its `refresh_token` is dropped first,
+    /// whatever its type, so nothing the client sends can set one.
+    pub fn from_client(value: Value) -> Result<Token, TokenError> {
+        match value {
+            Value::Object(mut fields) => {
+                if let Some(mut rt) = fields.remove(REFRESH_TOKEN) {
+                    wipe_json(&mut rt);
+                }
+                Token::from_map(fields)
+            }
+            mut other => {
+                wipe_json(&mut other);
+                Err(TokenError::NotAnObject)
+            }
+        }
+    }
+
+    /// True when the token carries a non-empty refresh token.
+    pub fn has_refresh_token(&self) -> bool {
+        matches!(self.fields.get(REFRESH_TOKEN), Some(Value::String(s)) if !s.is_empty())
+    }
+
+    /// The copy that may cross the socket: every field but `refresh_token`.
+    pub fn sanitized(&self) -> Token {
+        let mut copy = self.clone();
+        if let Some(mut rt) = copy.fields.remove(REFRESH_TOKEN) {
+            wipe_json(&mut rt);
+        }
+        copy
+    }
+
+    /// Merges an incoming token into this stored one (PROTOCOL.md §6): every field present
+    /// in `incoming` replaces the stored one, absent fields keep the stored value, and
+    /// `refresh_token` keeps the stored value when the incoming one is absent, empty or null.
+    pub fn merge(&self, incoming: &Token) -> Token {
+        let mut merged = self.clone();
+        for (key, value) in &incoming.fields {
+            if key == REFRESH_TOKEN {
+                let keep_stored = match value {
+                    Value::Null => true,
+                    Value::String(s) => s.is_empty(),
+                    _ => true,
+                };
+                if keep_stored && merged.fields.contains_key(REFRESH_TOKEN) {
+                    continue;
+                }
+            }
+            if let Some(mut old) = merged.fields.insert(key.clone(), value.clone()) {
+                wipe_json(&mut old);
+            }
+        }
+        merged
+    }
+
+    /// The fields, for serializing into a reply or a file. Callers must not log them.
+    pub fn fields(&self) -> &Map<String, Value> {
+        &self.fields
+    }
+
+    /// Serializes the token as JSON text (for the store file).
+    pub fn to_json(&self) -> Vec<u8> {
+        // A Map of Values always serializes.
+        serde_json::to_vec(&self.fields).unwrap_or_default()
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        self.fields.values_mut().for_each(wipe_json);
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl serde::Serialize for Token {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.fields.serialize(serializer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tok(v: Value) -> Token {
+        Token::from_value(v).expect("valid token")
+    }
+
+    #[test]
+    fn validation_rules() {
+        assert!(
+            Token::from_value(json!({"access_token":"a","expiry":1,"token_type":"Bearer"})).is_ok()
+        );
+        assert_eq!(
+            Token::from_value(json!({"expiry":1,"token_type":"B"})),
+            Err(TokenError::Missing("access_token"))
+        );
+        assert!(Token::from_value(json!({"access_token":"","expiry":1,"token_type":"B"})).is_err());
+        assert!(
+            Token::from_value(json!({"access_token":"a","expiry":"1","token_type":"B"})).is_err()
+        );
+        assert!(Token::from_value(json!({"access_token":"a","expiry":1})).is_err());
+        assert!(Token::from_value(
+            json!({"access_token":"a","expiry":1,"token_type":"B","scope":3})
+        )
+        .is_err());
+        assert!(Token::from_value(
+            json!({"access_token":"a","expiry":1.5,"token_type":"B","scope":null})
+        )
+        .is_ok());
+        assert!(Token::from_value(json!([1])).is_err());
+    }
+
+    #[test]
+    fn sanitize_removes_refresh_token() {
+        let t = tok(
+            json!({"access_token":"a","expiry":1,"token_type":"B","refresh_token":"R","x":"y"}),
+        );
+        let s = t.sanitized();
+        assert!(!s.fields().contains_key(REFRESH_TOKEN));
+        assert_eq!(s.fields()["x"], "y");
+    }
+
+    #[test]
+    fn client_refresh_token_is_dropped_even_when_malformed() {
+        let t = Token::from_client(
+            json!({"access_token":"a","expiry":1,"token_type":"B","refresh_token":5}),
+        )
+        .unwrap();
+        assert!(!t.fields().contains_key(REFRESH_TOKEN));
+    }
+
+    #[test]
+    fn merge_rules() {
+        let stored = tok(
+            json!({"access_token":"old","expiry":1,"token_type":"B","refresh_token":"R","resource_url":"u"}),
+        );
+        let incoming = tok(json!({"access_token":"new","expiry":2,"token_type":"B"}));
+        let m = stored.merge(&incoming);
+        assert_eq!(m.fields()["access_token"], "new");
+        assert_eq!(m.fields()["expiry"], 2);
+        assert_eq!(m.fields()[REFRESH_TOKEN], "R");
+        assert_eq!(m.fields()["resource_url"], "u");
+        for empty in [json!(null), json!("")] {
+            let inc =
+                tok(json!({"access_token":"n","expiry":2,"token_type":"B","refresh_token":empty}));
+            assert_eq!(stored.merge(&inc).fields()[REFRESH_TOKEN], "R");
+        }
+        let inc = tok(json!({"access_token":"n","expiry":2,"token_type":"B","refresh_token":"R2"}));
+        assert_eq!(stored.merge(&inc).fields()[REFRESH_TOKEN], "R2");
+    }
+
+    #[test]
+    fn debug_shows_no_values() {
+        let t = tok(
+            json!({"access_token":"CANARY1","expiry":1,"token_type":"B","refresh_token":"CANARY2"}),
+        );
+        let d = format!("{t:?}");
+        assert!(!d.contains("CANARY"), "{d}");
+        let e = Token::from_value(json!({"access_token":"CANARY","expiry":"x","token_type":"B"}))
+            .unwrap_err();
+        assert!(!e.to_string().contains("CANARY"));
+    }
+}
