@@ -1,1 +1,1055 @@
-//! placeholder
+//! The client library used inside the sandbox to ask the host's credential proxy for
+//! tokens and API keys (PROTOCOL.md).
+//!
+//! # Connection lifecycle
+//!
+//! A [`Client`] is cheap to create and does no I/O until its first request. That request
+//! connects to the Unix socket and performs the version handshake; later requests reuse the
+//! connection, and any number of them may be in flight at once (replies are matched to
+//! requests by a fresh UUID v4 `id`). Each connection has two tasks: a reader that hands
+//! every reply to the waiting caller, and a writer that writes whole frames (so a caller
+//! that is cancelled mid-request can never leave half a frame on the wire) and watches the
+//! idle timer.
+//!
+//! - **Idle close.** When nothing has been in flight for [`ClientConfig::idle_timeout`]
+//!   (5 minutes by default), the client shuts the connection down. The next request
+//!   connects and handshakes again. [`Client::close`] does the same at once.
+//! - **Lost connection.** If the proxy closes the connection, or reading or writing fails,
+//!   while the client had not closed it itself, every pending request and every later
+//!   one fails with [`ClientError::ConnectionLost`]. The client never reconnects after
+//!   that: the proxy is gone or has cut this sandbox off, and the session must restart.
+//! - **Connect failure.** A failure to connect or handshake is reported as
+//!   [`ClientError::Connect`] (or the handshake's own error) and does not poison the
+//!   client; the next request tries again.
+//!
+//! Every request, including any connect and handshake it needs, is bounded by
+//! [`ClientConfig::request_timeout`] (30 seconds by default).
+//!
+//! Secret material (tokens, API keys, the frames that carry them) is wiped from memory
+//! when dropped, and no error or `Debug` output ever contains it.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::mem;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use std::{env, fmt};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::protocol::{ErrorCode, Op};
+use crate::secret::{wipe_json, Secret, SecretBytes};
+use crate::token::{Token, REFRESH_TOKEN};
+
+/// The environment variable that holds the proxy's socket path.
+pub const SOCKET_ENV: &str = "LLXPRT_CREDENTIAL_SOCKET";
+
+/// The largest frame body, in bytes, in either direction (PROTOCOL.md §3).
+pub const MAX_FRAME: usize = 65_536;
+
+/// The protocol version this client speaks.
+const VERSION: u64 = 1;
+
+/// Requests the proxy accepts in flight on one connection (PROTOCOL.md §5).
+const MAX_IN_FLIGHT: usize = 16;
+
+/// The result of a client call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Tuning for a [`Client`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// How long one request may take, including any connect and handshake it needs.
+    pub request_timeout: Duration,
+    /// How long a connection with nothing in flight stays open before the client closes it.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Why a request failed. No variant ever carries a token or key value.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The proxy answered with an error. `Display` shows the proxy's message (a short,
+    /// secret-free sentence by protocol).
+    #[error("{message}")]
+    Server {
+        /// The wire code, kept as sent even when this version does not know it.
+        code: String,
+        /// The proxy's `error` text.
+        message: String,
+        /// For `RATE_LIMITED`: whole seconds to wait before retrying.
+        retry_after: Option<u64>,
+    },
+    /// The connection broke while the client had not closed it itself. Permanent.
+    #[error("Credential proxy connection lost. Restart the session.")]
+    ConnectionLost,
+    /// The proxy could not be reached (connect failed, or it hung up during the handshake).
+    #[error("cannot reach the credential proxy at {}: {source}", path.display())]
+    Connect {
+        /// The socket path that was tried.
+        path: PathBuf,
+        /// The underlying failure.
+        #[source]
+        source: io::Error,
+    },
+    /// No reply within [`ClientConfig::request_timeout`].
+    #[error("the credential proxy did not answer in time")]
+    Timeout,
+    /// The proxy sent a reply this client cannot understand.
+    #[error("malformed reply from the credential proxy: {0}")]
+    Protocol(String),
+    /// The environment variable [`SOCKET_ENV`] is unset or empty.
+    #[error("LLXPRT_CREDENTIAL_SOCKET is not set: no credential proxy is available")]
+    NoSocket,
+    /// The request would exceed the 65536-byte frame limit; it was not sent.
+    #[error("request too large: frames are limited to 65536 bytes")]
+    TooLarge,
+    /// The request was cancelled because [`Client::close`] closed its connection.
+    #[error("the credential proxy connection was closed by the client")]
+    Closed,
+}
+
+impl ClientError {
+    /// The error code of a [`ClientError::Server`] error, if this version knows it.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => ErrorCode::parse(code),
+            _ => None,
+        }
+    }
+}
+
+/// Usage statistics of one bucket (the `get_bucket_stats` reply).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketStats {
+    /// The bucket's name.
+    pub bucket: String,
+    /// How many `get_token` calls the proxy has answered for this bucket.
+    pub request_count: u64,
+    /// This bucket's share, 0 to 100, of the provider's `get_token` calls.
+    pub percentage: f64,
+    /// Epoch milliseconds of the last `get_token` call, if any.
+    #[serde(default)]
+    pub last_used: Option<u64>,
+}
+
+/// A credential proxy client. Clones share one connection; all methods take `&self` and
+/// may be called from many tasks at once.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    config: ClientConfig,
+    /// Held across connect + handshake so that concurrent first requests share one connect.
+    slot: AsyncMutex<Slot>,
+    /// Queues requests beyond the proxy's in-flight limit instead of having them refused.
+    in_flight: Semaphore,
+}
+
+enum Slot {
+    Empty,
+    Open(Arc<Conn>),
+    Lost,
+}
+
+/// One connection. Dropping the last handle ends its writer task, which closes the socket.
+struct Conn {
+    state: Arc<StdMutex<ConnState>>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+}
+
+type Reply = Result<Value>;
+
+struct ConnState {
+    status: Status,
+    pending: HashMap<String, oneshot::Sender<Reply>>,
+    /// When a request last started or finished; the idle timer runs from here.
+    last_active: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Open,
+    /// Closed by the client (idle or [`Client::close`]): a reconnect is allowed.
+    Closed,
+    Lost,
+}
+
+enum Outgoing {
+    Frame(SecretBytes),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    v: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    op: &'a str,
+    payload: &'a Value,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for the proxy at `socket_path`, with the default [`ClientConfig`]. No I/O
+    /// happens until the first request.
+    pub fn new(socket_path: impl Into<PathBuf>) -> Client {
+        Client::with_config(socket_path, ClientConfig::default())
+    }
+
+    /// A client for the proxy at `socket_path` with the given timeouts.
+    pub fn with_config(socket_path: impl Into<PathBuf>, config: ClientConfig) -> Client {
+        Client {
+            shared: Arc::new(Shared {
+                path: socket_path.into(),
+                config,
+                slot: AsyncMutex::new(Slot::Empty),
+                in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            }),
+        }
+    }
+
+    /// A client for the socket named by `LLXPRT_CREDENTIAL_SOCKET`; [`ClientError::NoSocket`]
+    /// when it is unset or empty.
+    pub fn from_env() -> Result<Client> {
+        env::var_os(SOCKET_ENV)
+            .filter(|path| !path.is_empty())
+            .map(Client::new)
+            .ok_or(ClientError::NoSocket)
+    }
+
+    /// The socket path this client connects to.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Fetches the (sanitized) token of `provider`/`bucket`; `None` when none is stored.
+    /// A missing `bucket` means `default`.
+    pub async fn get_token(&self, provider: &str, bucket: Option<&str>) -> Result<Option<Token>> {
+        let reply = self.request(Op::GetToken.as_str(), scoped(provider, bucket));
+        let Some(data) = not_found_to_none(reply.await)? else {
+            return Ok(None);
+        };
+        Token::from_value(data)
+            .map(Some)
+            .map_err(|e| malformed(format!("get_token reply: {e}")))
+    }
+
+    /// Stores `token` for `provider`/`bucket`, merged into what is stored. Its
+    /// `refresh_token`, if any, is never sent.
+    pub async fn save_token(
+        &self,
+        provider: &str,
+        bucket: Option<&str>,
+        token: &Token,
+    ) -> Result<()> {
+        let mut fields = token.fields().clone();
+        if let Some(mut refresh) = fields.remove(REFRESH_TOKEN) {
+            wipe_json(&mut refresh);
+        }
+        let mut payload = scoped(provider, bucket);
+        payload["token"] = Value::Object(fields);
+        self.request(Op::SaveToken.as_str(), payload).await?;
+        Ok(())
+    }
+
+    /// Removes the token of `provider`/`bucket` (succeeds when none was stored).
+    pub async fn remove_token(&self, provider: &str, bucket: Option<&str>) -> Result<()> {
+        self.request(Op::RemoveToken.as_str(), scoped(provider, bucket))
+            .await?;
+        Ok(())
+    }
+
+    /// The providers with stored tokens that this sandbox may use, sorted.
+    pub async fn list_providers(&self) -> Result<Vec<String>> {
+        let data = self.request(Op::ListProviders.as_str(), json!({})).await?;
+        string_list(data, "providers")
+    }
+
+    /// The buckets of `provider` that this sandbox may use, sorted.
+    pub async fn list_buckets(&self, provider: &str) -> Result<Vec<String>> {
+        let data = self.request(Op::ListBuckets.as_str(), json!({ "provider": provider }));
+        string_list(data.await?, "buckets")
+    }
+
+    /// Usage statistics of `provider`/`bucket`; `None` when no token is stored there.
+    pub async fn get_bucket_stats(
+        &self,
+        provider: &str,
+        bucket: Option<&str>,
+    ) -> Result<Option<BucketStats>> {
+        let reply = self.request(Op::GetBucketStats.as_str(), scoped(provider, bucket));
+        let Some(data) = not_found_to_none(reply.await)? else {
+            return Ok(None);
+        };
+        serde_json::from_value(data)
+            .map(Some)
+            .map_err(|_| malformed("get_bucket_stats reply has the wrong shape"))
+    }
+
+    /// The API key called `name`; `None` when there is none.
+    pub async fn get_api_key(&self, name: &str) -> Result<Option<Secret>> {
+        let reply = self.request(Op::GetApiKey.as_str(), json!({ "name": name }));
+        let Some(mut data) = not_found_to_none(reply.await)? else {
+            return Ok(None);
+        };
+        match data.get_mut("key").map(Value::take) {
+            Some(Value::String(key)) => Ok(Some(Secret::new(key))),
+            other => {
+                other
+                    .into_iter()
+                    .chain([data])
+                    .for_each(|mut v| wipe_json(&mut v));
+                Err(malformed("get_api_key reply has no key string"))
+            }
+        }
+    }
+
+    /// The API key names this sandbox may read, sorted.
+    pub async fn list_api_keys(&self) -> Result<Vec<String>> {
+        let data = self.request(Op::ListApiKeys.as_str(), json!({})).await?;
+        string_list(data, "keys")
+    }
+
+    /// True when an API key called `name` exists (and this sandbox may read it).
+    pub async fn has_api_key(&self, name: &str) -> Result<bool> {
+        let data = self.request(Op::HasApiKey.as_str(), json!({ "name": name }));
+        match data.await?.get("exists") {
+            Some(Value::Bool(exists)) => Ok(*exists),
+            _ => Err(malformed("has_api_key reply has no exists flag")),
+        }
+    }
+
+    /// Sends one request and returns the reply's `data` object. Low level: `op` and
+    /// `payload` are sent as given, and the payload is wiped once it has been encoded.
+    pub async fn request(&self, op: &str, mut payload: Value) -> Result<Value> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let frame = encode(&Envelope {
+            v: VERSION,
+            id: Some(&id),
+            op,
+            payload: &payload,
+        });
+        wipe_json(&mut payload);
+        let limit = self.shared.config.request_timeout;
+        let reply = timeout(limit, self.exchange(&id, frame?)).await;
+        reply.unwrap_or(Err(ClientError::Timeout))
+    }
+
+    /// Closes the connection now, if one is open. Requests in flight on it fail with
+    /// [`ClientError::Closed`]; the next request connects again. After a lost connection
+    /// this does nothing (the client stays unusable).
+    pub async fn close(&self) {
+        let mut slot = self.shared.slot.lock().await;
+        let Slot::Open(conn) = &*slot else { return };
+        let conn = Arc::clone(conn);
+        let (was, pending) = {
+            let mut st = lock(&conn.state);
+            let was = st.status;
+            if was == Status::Open {
+                st.status = Status::Closed;
+            }
+            (was, mem::take(&mut st.pending))
+        };
+        *slot = if was == Status::Lost {
+            Slot::Lost
+        } else {
+            Slot::Empty
+        };
+        drop(slot);
+        for tx in pending.into_values() {
+            let _ = tx.send(Err(ClientError::Closed));
+        }
+        let (ack, done) = oneshot::channel();
+        if conn.outgoing.send(Outgoing::Close(ack)).is_ok() {
+            // Resolves once the writer has shut the socket down (sent or dropped).
+            let _ = done.await;
+        }
+    }
+
+    async fn exchange(&self, id: &str, frame: SecretBytes) -> Reply {
+        let _permit = self
+            .shared
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (conn, rx) = loop {
+            let conn = self.connection().await?;
+            if let Some(rx) = conn.register(id)? {
+                break (conn, rx);
+            }
+            // Closed by us between lookup and registration: connect again.
+        };
+        let _guard = PendingGuard {
+            state: &conn.state,
+            id,
+        };
+        // If the writer is gone, the connection left `Open` after we registered, so our
+        // entry has been (or is being) answered with the reason.
+        let _ = conn.outgoing.send(Outgoing::Frame(frame));
+        rx.await.unwrap_or(Err(ClientError::ConnectionLost))
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>> {
+        let mut slot = self.shared.slot.lock().await;
+        if let Slot::Open(conn) = &*slot {
+            let status = lock(&conn.state).status;
+            match status {
+                Status::Open => return Ok(Arc::clone(conn)),
+                Status::Closed => *slot = Slot::Empty,
+                Status::Lost => *slot = Slot::Lost,
+            }
+        }
+        if let Slot::Lost = *slot {
+            return Err(ClientError::ConnectionLost);
+        }
+        let conn =
+            Arc::new(Conn::connect(&self.shared.path, self.shared.config.idle_timeout).await?);
+        *slot = Slot::Open(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    #[cfg(test)]
+    async fn pending_len(&self) -> usize {
+        match &*self.shared.slot.lock().await {
+            Slot::Open(conn) => lock(&conn.state).pending.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Conn {
+    async fn connect(path: &Path, idle: Duration) -> Result<Conn> {
+        let unreachable = |source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        };
+        let mut stream = UnixStream::connect(path).await.map_err(unreachable)?;
+        let hello = encode(&Envelope {
+            v: VERSION,
+            id: None,
+            op: "handshake",
+            payload: &json!({ "minVersion": VERSION, "maxVersion": VERSION }),
+        })?;
+        stream.write_all(&hello.0).await.map_err(unreachable)?;
+        let body = match read_frame(&mut stream).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                let why = "the proxy closed the connection during the handshake";
+                return Err(unreachable(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    why,
+                )));
+            }
+            Err(e) => return Err(unreachable(e)),
+        };
+        let (_, outcome) = parse_reply(&body.0).map_err(malformed)?;
+        if outcome?.get("version").and_then(Value::as_u64) != Some(VERSION) {
+            return Err(malformed("handshake chose an unsupported version"));
+        }
+        tracing::debug!(path = %path.display(), "connected to the credential proxy");
+
+        let (rd, wr) = stream.into_split();
+        let state = Arc::new(StdMutex::new(ConnState {
+            status: Status::Open,
+            pending: HashMap::new(),
+            last_active: Instant::now(),
+        }));
+        let reader = tokio::spawn(read_loop(rd, Arc::clone(&state)));
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(wr, rx, Arc::clone(&state), idle, reader));
+        Ok(Conn { state, outgoing })
+    }
+
+    /// Registers a pending request: `None` if we closed this connection meanwhile.
+    fn register(&self, id: &str) -> Result<Option<oneshot::Receiver<Reply>>> {
+        let mut st = lock(&self.state);
+        match st.status {
+            Status::Open => {}
+            Status::Closed => return Ok(None),
+            Status::Lost => return Err(ClientError::ConnectionLost),
+        }
+        let (tx, rx) = oneshot::channel();
+        st.pending.insert(id.to_owned(), tx);
+        st.last_active = Instant::now();
+        Ok(Some(rx))
+    }
+}
+
+/// Removes a request's pending entry when it ends for any reason (reply, timeout, or the
+/// caller dropping the future), so it never holds off the idle close.
+struct PendingGuard<'a> {
+    state: &'a StdMutex<ConnState>,
+    id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(self.state);
+        if st.pending.remove(self.id).is_some() {
+            st.last_active = Instant::now();
+        }
+    }
+}
+
+fn lock(state: &StdMutex<ConnState>) -> MutexGuard<'_, ConnState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Marks the connection lost (unless we closed it) and fails every pending request.
+fn mark_lost(state: &StdMutex<ConnState>, why: &str) {
+    let pending = {
+        let mut st = lock(state);
+        if st.status != Status::Open {
+            return;
+        }
+        st.status = Status::Lost;
+        mem::take(&mut st.pending)
+    };
+    tracing::warn!(reason = why, "credential proxy connection lost");
+    for tx in pending.into_values() {
+        let _ = tx.send(Err(ClientError::ConnectionLost));
+    }
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, state: Arc<StdMutex<ConnState>>) {
+    let why = loop {
+        let body = match read_frame(&mut rd).await {
+            Ok(Some(body)) => body,
+            Ok(None) => break "the proxy closed the connection".to_owned(),
+            Err(e) => break format!("read failed: {e}"),
+        };
+        match parse_reply(&body.0) {
+            Ok((Some(id), outcome)) => deliver(&state, &id, outcome),
+            // The one frame without an id is the error sent just before the proxy closes.
+            Ok((None, Err(e))) => {
+                tracing::warn!(error = %e, "credential proxy refused the connection")
+            }
+            Ok((None, Ok(mut data))) => wipe_json(&mut data),
+            Err(e) => break e,
+        }
+    };
+    mark_lost(&state, &why);
+}
+
+fn deliver(state: &StdMutex<ConnState>, id: &str, outcome: Reply) {
+    let waiter = {
+        let mut st = lock(state);
+        let waiter = st.pending.remove(id);
+        if waiter.is_some() {
+            st.last_active = Instant::now();
+        }
+        waiter
+    };
+    let unclaimed = match waiter {
+        Some(tx) => tx.send(outcome).err(),
+        None => {
+            tracing::debug!("ignoring a reply for a request that is no longer waiting");
+            Some(outcome)
+        }
+    };
+    if let Some(Ok(mut data)) = unclaimed {
+        wipe_json(&mut data);
+    }
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    state: Arc<StdMutex<ConnState>>,
+    idle: Duration,
+    mut reader: JoinHandle<()>,
+) {
+    let mut ack = None;
+    loop {
+        let deadline = {
+            let st = lock(&state);
+            if st.status != Status::Open {
+                break;
+            }
+            match st.pending.is_empty() {
+                true => st.last_active + idle,
+                // Rechecked when it fires; a finished request moves `last_active` on.
+                false => Instant::now() + idle,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Outgoing::Frame(frame)) => {
+                    if let Err(e) = wr.write_all(&frame.0).await {
+                        mark_lost(&state, &format!("write failed: {e}"));
+                        break;
+                    }
+                }
+                Some(Outgoing::Close(done)) => {
+                    ack = Some(done);
+                    break;
+                }
+                None => break, // every handle to the connection is gone
+            },
+            _ = &mut reader => {
+                mark_lost(&state, "the reader stopped"); // no-op unless it panicked
+                break;
+            }
+            () = sleep_until(deadline) => {
+                let mut st = lock(&state);
+                let idle_now = st.pending.is_empty() && Instant::now() >= st.last_active + idle;
+                if st.status == Status::Open && idle_now {
+                    tracing::debug!("closing the idle credential proxy connection");
+                    st.status = Status::Closed;
+                    break;
+                }
+            }
+        }
+    }
+    {
+        let mut st = lock(&state);
+        if st.status == Status::Open {
+            st.status = Status::Closed;
+        }
+    }
+    let _ = wr.shutdown().await;
+    reader.abort();
+    if let Some(done) = ack {
+        let _ = done.send(());
+    }
+}
+
+/// Reads one frame; `None` on a clean end of stream before a header.
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<SecretBytes>> {
+    let mut header = [0u8; 4];
+    match rd.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        let why = format!("frame of {len} bytes announced, the limit is {MAX_FRAME}");
+        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    }
+    let mut body = SecretBytes(vec![0; len]);
+    rd.read_exact(&mut body.0).await?;
+    Ok(Some(body))
+}
+
+/// Encodes a frame (header + JSON) into a buffer that never reallocates, so no stray copy
+/// of a secret is left behind; [`ClientError::TooLarge`] past the limit.
+fn encode(envelope: &Envelope<'_>) -> Result<SecretBytes> {
+    struct Bounded(SecretBytes);
+    impl Write for Bounded {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if self.0 .0.len() + data.len() > 4 + MAX_FRAME {
+                return Err(io::Error::other("frame too large"));
+            }
+            self.0 .0.extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Bounded(SecretBytes(Vec::with_capacity(4 + MAX_FRAME)));
+    out.0 .0.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut out, envelope).map_err(|e| match e.is_io() {
+        true => ClientError::TooLarge,
+        false => malformed("request could not be encoded"),
+    })?;
+    let mut frame = out.0;
+    let len = (frame.0.len() - 4) as u32;
+    frame.0[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(frame)
+}
+
+/// Splits a reply into its id and outcome; `Err` when it is not a JSON object at all
+/// (a protocol violation that ends the connection).
+fn parse_reply(body: &[u8]) -> Result<(Option<String>, Reply), String> {
+    let Ok(Value::Object(mut reply)) = serde_json::from_slice::<Value>(body) else {
+        return Err("a reply is not a JSON object".into());
+    };
+    let id = match reply.remove("id") {
+        Some(Value::String(id)) => Some(id),
+        Some(Value::Number(id)) => Some(id.to_string()),
+        _ => None,
+    };
+    let outcome = match reply.get("ok") {
+        Some(Value::Bool(true)) => match reply.remove("data") {
+            None => Ok(Value::Object(Map::new())),
+            Some(data @ Value::Object(_)) => Ok(data),
+            Some(mut other) => {
+                wipe_json(&mut other);
+                Err(malformed("reply data is not an object"))
+            }
+        },
+        Some(Value::Bool(false)) => match reply.get("code").and_then(Value::as_str) {
+            Some(code) => Err(ClientError::Server {
+                code: code.to_owned(),
+                message: match reply.get("error").and_then(Value::as_str) {
+                    Some(message) => message.to_owned(),
+                    None => format!("credential proxy error {code}"),
+                },
+                retry_after: reply.get("retryAfter").and_then(Value::as_u64),
+            }),
+            None => Err(malformed("error reply has no code")),
+        },
+        _ => Err(malformed("reply has no ok flag")),
+    };
+    Ok((id, outcome))
+}
+
+/// The payload `{"provider", "bucket"?}`.
+fn scoped(provider: &str, bucket: Option<&str>) -> Value {
+    match bucket {
+        Some(bucket) => json!({ "provider": provider, "bucket": bucket }),
+        None => json!({ "provider": provider }),
+    }
+}
+
+fn malformed(why: impl Into<String>) -> ClientError {
+    ClientError::Protocol(why.into())
+}
+
+fn not_found_to_none(reply: Reply) -> Result<Option<Value>> {
+    match reply {
+        Ok(data) => Ok(Some(data)),
+        Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn string_list(mut data: Value, field: &str) -> Result<Vec<String>> {
+    let bad = || malformed(format!("reply has no {field} list"));
+    match data.get_mut(field).map(Value::take) {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    const LOST: &str = "Credential proxy connection lost. Restart the session.";
+    const SHORT: Duration = Duration::from_millis(200);
+    const LONG: Duration = Duration::from_secs(5);
+
+    /// A fake proxy: each test drives the server side of its connections by hand.
+    struct Server(UnixListener, PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+    struct Peer(UnixStream);
+
+    impl Server {
+        fn new() -> Server {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("proxy.sock");
+            Server(UnixListener::bind(&path).unwrap(), path, dir)
+        }
+
+        fn client(&self, request_timeout: Duration, idle_timeout: Duration) -> Client {
+            let config = ClientConfig {
+                request_timeout,
+                idle_timeout,
+            };
+            Client::with_config(&self.1, config)
+        }
+
+        async fn accept_raw(&self) -> Peer {
+            let accepted = timeout(LONG, self.0.accept()).await.expect("no connection");
+            Peer(accepted.unwrap().0)
+        }
+
+        /// Accepts a connection and completes the handshake, checking the client's frame.
+        async fn accept(&self) -> Peer {
+            let mut peer = self.accept_raw().await;
+            let hello = json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}});
+            assert_eq!(peer.recv().await, Some(hello));
+            peer.send(json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}}))
+                .await;
+            peer
+        }
+    }
+
+    impl Peer {
+        /// The next frame, or `None` at end of stream.
+        async fn recv(&mut self) -> Option<Value> {
+            let frame = timeout(LONG, read_frame(&mut self.0))
+                .await
+                .expect("stalled");
+            Some(serde_json::from_slice(&frame.ok()??.0).unwrap())
+        }
+
+        async fn send(&mut self, reply: Value) {
+            let body = serde_json::to_vec(&reply).unwrap();
+            let frame = [&(body.len() as u32).to_be_bytes()[..], &body].concat();
+            self.0.write_all(&frame).await.unwrap();
+        }
+
+        async fn ok(&mut self, req: &Value, data: Value) {
+            self.send(json!({"v":1,"id":req["id"],"ok":true,"data":data}))
+                .await;
+        }
+
+        async fn fail(&mut self, req: &Value, code: &str, extra: Value) {
+            let mut reply = json!({"v":1,"id":req["id"],"ok":false,"code":code,"error":"nope"});
+            reply
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            self.send(reply).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_then_request() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(
+                (&req["v"], &req["op"], &req["payload"]),
+                (&json!(1), &json!("list_providers"), &json!({}))
+            );
+            assert!(uuid::Uuid::parse_str(req["id"].as_str().unwrap()).is_ok());
+            peer.ok(&req, json!({"providers":["anthropic","openai"]}))
+                .await;
+            peer
+        };
+        let (listed, _peer) = tokio::join!(client.list_providers(), serve);
+        assert_eq!(listed.unwrap(), ["anthropic", "openai"]);
+        assert_eq!(
+            format!("{client:?}"),
+            format!("Client {{ path: {:?}, .. }}", server.1)
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_replies_in_reverse_order() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let (first, second) = (peer.recv().await.unwrap(), peer.recv().await.unwrap());
+            assert_ne!(first["id"], second["id"]);
+            for req in [second, first] {
+                let data = match req["op"].as_str().unwrap() {
+                    "get_api_key" => json!({"key":"sk-one"}),
+                    _ => json!({"exists":false}),
+                };
+                peer.ok(&req, data).await;
+            }
+            peer
+        };
+        let (key, has, _peer) =
+            tokio::join!(client.get_api_key("one"), client.has_api_key("two"), serve);
+        assert_eq!(key.unwrap().unwrap().expose(), "sk-one");
+        assert!(!has.unwrap());
+    }
+
+    #[tokio::test]
+    async fn typed_operations() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(req["payload"], json!({"provider":"anthropic"}));
+            peer.fail(&req, "NOT_FOUND", json!({})).await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(
+                req["payload"],
+                json!({"provider":"anthropic","bucket":"work"})
+            );
+            let token = json!({"access_token":"at","expiry":5,"token_type":"Bearer","x":1});
+            peer.ok(&req, token).await;
+            let req = peer.recv().await.unwrap();
+            let token = &req["payload"]["token"];
+            assert_eq!(req["op"], "save_token");
+            assert!(token.get("refresh_token").is_none() && token["access_token"] == "at2");
+            peer.ok(&req, json!({})).await;
+            let req = peer.recv().await.unwrap();
+            peer.ok(
+                &req,
+                json!({"bucket":"work","requestCount":3,"percentage":75.0}),
+            )
+            .await;
+            peer
+        };
+        let calls = async {
+            assert!(client.get_token("anthropic", None).await.unwrap().is_none());
+            let token = client.get_token("anthropic", Some("work")).await.unwrap();
+            assert_eq!(token.unwrap().fields()["x"], 1);
+            let token =
+                json!({"access_token":"at2","expiry":6,"token_type":"B","refresh_token":"r"});
+            let token = Token::from_value(token).unwrap();
+            client
+                .save_token("anthropic", Some("work"), &token)
+                .await
+                .unwrap();
+            let stats = client
+                .get_bucket_stats("anthropic", Some("work"))
+                .await
+                .unwrap();
+            let stats = stats.unwrap();
+            assert_eq!((stats.request_count, stats.last_used), (3, None));
+        };
+        tokio::join!(calls, serve);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_typed() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            peer.fail(&req, "RATE_LIMITED", json!({"retryAfter":3}))
+                .await;
+            peer
+        };
+        let (err, _peer) = tokio::join!(client.list_api_keys(), serve);
+        let err = err.unwrap_err();
+        assert_eq!(
+            (err.code(), err.to_string()),
+            (Some(ErrorCode::RateLimited), "nope".into())
+        );
+        assert!(matches!(
+            err,
+            ClientError::Server {
+                retry_after: Some(3),
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn lost_connection_is_permanent() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async { server.accept().await.recv().await.unwrap() }; // then drops it
+        let (err, _) = tokio::join!(client.list_buckets("anthropic"), serve);
+        let err = err.unwrap_err();
+        assert!(matches!(err, ClientError::ConnectionLost));
+        assert_eq!(err.to_string(), LOST);
+        assert_eq!(client.has_api_key("k").await.unwrap_err().to_string(), LOST);
+        assert!(
+            timeout(SHORT, server.0.accept()).await.is_err(),
+            "reconnected"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_close_then_reconnect() {
+        let server = Server::new();
+        let client = server.client(LONG, SHORT);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            peer.ok(&req, json!({"exists":true})).await;
+            peer
+        };
+        let (has, mut peer) = tokio::join!(client.has_api_key("k"), serve);
+        assert!(has.unwrap());
+        let started = Instant::now();
+        assert_eq!(
+            peer.recv().await,
+            None,
+            "expected EOF after the idle timeout"
+        );
+        assert!(started.elapsed() >= SHORT / 2);
+        let serve = async {
+            let mut peer = server.accept().await; // a second handshake
+            let req = peer.recv().await.unwrap();
+            peer.ok(&req, json!({"keys":["a"]})).await;
+            peer
+        };
+        let (keys, mut peer) = tokio::join!(client.list_api_keys(), serve);
+        assert_eq!(keys.unwrap(), ["a"]);
+        client.close().await;
+        assert_eq!(peer.recv().await, None, "expected EOF after close");
+    }
+
+    #[tokio::test]
+    async fn request_timeout_removes_pending() {
+        let server = Server::new();
+        let client = server.client(SHORT, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            (peer, req)
+        };
+        let (err, (mut peer, late)) = tokio::join!(client.list_providers(), serve);
+        assert!(matches!(err.unwrap_err(), ClientError::Timeout));
+        assert_eq!(client.pending_len().await, 0);
+        peer.ok(&late, json!({"providers":["stale"]})).await; // ignored
+        let serve = async {
+            let req = peer.recv().await.unwrap();
+            peer.ok(&req, json!({"providers":["fresh"]})).await;
+        };
+        let (listed, ()) = tokio::join!(client.list_providers(), serve);
+        assert_eq!(listed.unwrap(), ["fresh"]);
+    }
+
+    #[tokio::test]
+    async fn handshake_failure_is_typed() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept_raw().await;
+            let hello = peer.recv().await.unwrap();
+            peer.fail(&hello, "UNKNOWN_VERSION", json!({"op":"handshake"}))
+                .await;
+        };
+        let (err, ()) = tokio::join!(client.list_providers(), serve);
+        assert_eq!(err.unwrap_err().code(), Some(ErrorCode::UnknownVersion));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_and_oversized_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(dir.path().join("missing.sock"));
+        for _ in 0..2 {
+            let err = client.list_providers().await.unwrap_err();
+            assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+            assert!(err.to_string().contains("missing.sock"), "{err}");
+        }
+        let huge = json!({ "name": "x".repeat(MAX_FRAME) });
+        let err = client.request("has_api_key", huge).await.unwrap_err();
+        assert!(matches!(err, ClientError::TooLarge));
+    }
+}

@@ -4,14 +4,19 @@
 //! Ordering: a save or remove of one `provider:bucket` holds that key's lock from before
 //! it reads until after it writes, and locks are granted first come, first served, so
 //! saves and removes of one key never interleave and a remove issued while a save runs
-//! waits for it and then wins. A blocking backend (the file backend) runs on tokio's
-//! blocking pool; the memory backend runs inline on the actor, which orders it trivially.
-//! Every operation is bounded by the store timeout; one that overruns is answered with a
-//! failure (the blocking call itself finishes in the background, still holding its lock).
+//! waits for it and then wins. A blocking backend (the file backend) runs on the store's
+//! own worker threads; the memory backend runs inline on the actor, which orders it
+//! trivially. Every operation is bounded by the store timeout; one that overruns is
+//! answered with a failure (the blocking call itself finishes in the background, still
+//! holding its lock).
+//!
+//! The workers are plain detached threads rather than tokio's blocking pool because the
+//! runtime waits for its blocking pool when it is dropped: one store call stuck in the
+//! kernel (a hung network filesystem) would then hold up shutdown without bound.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::{fut, Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture, WrapFuture};
@@ -56,6 +61,63 @@ pub struct CredentialStore {
     locks: HashMap<(String, String), Arc<AsyncMutex<()>>>,
     /// provider → bucket → get_token counter.
     stats: HashMap<String, HashMap<String, Counter>>,
+    /// Worker threads for a blocking backend, started on first use.
+    workers: Option<Workers>,
+}
+
+/// Threads running blocking backend calls.
+const WORKER_THREADS: usize = 4;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of detached worker threads fed by a channel. Dropping it closes the
+/// channel; each worker exits after its current job.
+#[derive(Debug)]
+struct Workers {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Workers {
+    fn start() -> Option<Workers> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WORKER_THREADS {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("credproxy-store-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a store worker thread");
+                if i == 0 {
+                    return None;
+                }
+            }
+        }
+        Some(Workers { jobs })
+    }
+
+    /// Runs `f` on a worker; the receiver yields its result (or an error if it panicked).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        // A send error drops the job and with it `tx`: the caller sees a failure.
+        let _ = self.jobs.send(job);
+        rx
+    }
 }
 
 impl CredentialStore {
@@ -66,6 +128,7 @@ impl CredentialStore {
             timeout,
             locks: HashMap::new(),
             stats: HashMap::new(),
+            workers: None,
         }
     }
 
@@ -85,6 +148,12 @@ impl CredentialStore {
             let result = op(self.backend.as_ref()).map_err(|e| failed(what, &e));
             return Box::pin(fut::ready(result));
         }
+        if self.workers.is_none() {
+            self.workers = Workers::start();
+        }
+        let Some(jobs) = self.workers.as_ref().map(|w| w.jobs.clone()) else {
+            return Box::pin(fut::ready(Err(StoreFailed)));
+        };
         let backend = Arc::clone(&self.backend);
         let lock = key
             .map(|(p, b)| Arc::clone(self.locks.entry((p.to_owned(), b.to_owned())).or_default()));
@@ -95,7 +164,7 @@ impl CredentialStore {
                 Some(lock) => Some(lock.lock_owned().await),
                 None => None,
             };
-            let job = tokio::task::spawn_blocking(move || {
+            let job = Workers { jobs }.run(move || {
                 let _held = guard;
                 op(backend.as_ref())
             });
@@ -365,6 +434,7 @@ impl Handler<Clear> for CredentialStore {
         self.backend.clear();
         self.stats.clear();
         self.locks.clear();
+        self.workers = None;
         actix::ActorContext::stop(ctx);
     }
 }

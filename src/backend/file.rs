@@ -1,54 +1,796 @@
-//! placeholder
-use super::StoreError;
-/// placeholder
+//! The file backend: one JSON file per credential in a private store directory, shared
+//! safely by every `credproxy serve` and `credproxy store` process that opens it.
+//!
+//! # Layout
+//!
+//! ```text
+//! DIR/                          0700
+//! ├── .lock                     0600, empty; the store's advisory lock
+//! ├── tokens/<provider>/        0700
+//! │   └── <bucket>.json         0600, the token object (with refresh_token) as plain JSON
+//! └── keys/<name>.json          0600, {"key":"..."}
+//! ```
+//!
+//! Every name is checked with [`is_valid`] inside every method, so it is always a single
+//! path component (no `/`, never `.` or `..`) and nothing can reach outside `DIR`. Files
+//! whose names are not `<valid name>.json` (temporary files, notes, backups) are ignored.
+//!
+//! # Atomicity
+//!
+//! A file is never written in place. The new content goes to a temporary file in the same
+//! directory (`.<name>.json.<8 hex>.tmp`, created exclusively with mode 0600), which is
+//! flushed with `fsync`, renamed over the target, and the directory is then flushed too.
+//! A crash at any instant leaves either the old or the new file, never a torn or empty one
+//! (at worst a stray `.tmp` file, which every read and list ignores).
+//!
+//! # Locking
+//!
+//! Every write and every read-modify-write (`save_token`, `remove_token`, `set_key`,
+//! `remove_key`) runs under an exclusive `flock` on `DIR/.lock`, taken through a fresh open
+//! of that file each time, so it excludes other threads of this process and other
+//! processes alike and no merge ever loses a concurrent update. Reads take no lock: thanks
+//! to the atomic rename they always see one complete version of a file.
+
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use serde_json::Value;
+
+use super::{Backend, SaveMode, StoreError};
+use crate::names::{is_valid, NameKind};
+use crate::secret::{wipe_json, Secret, SecretBytes};
+use crate::token::Token;
+
+const TOKENS: &str = "tokens";
+const KEYS: &str = "keys";
+const LOCK_FILE: &str = ".lock";
+const EXT: &str = ".json";
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+/// Store files are tiny; anything larger is refused rather than read into memory.
+const MAX_FILE_LEN: u64 = 1 << 20;
+
+/// A credential store kept as files under one directory (see the module documentation).
+///
+/// A stored file that is unreadable or corrupt is reported as [`StoreError::Corrupt`] (or
+/// `Io`) and never silently overwritten by a merge; only [`SaveMode::Replace`] (the host's
+/// explicit `credproxy store token set`) or a remove replaces it.
 #[derive(Debug)]
-pub struct FileBackend;
+pub struct FileBackend {
+    dir: PathBuf,
+    /// Set once a group/other-accessible store file has been reported, to warn only once.
+    warned_mode: AtomicBool,
+}
+
+/// The key file's shape; borrowing the secret avoids an extra copy of it.
+#[derive(serde::Serialize)]
+struct KeyFile<'a> {
+    key: &'a str,
+}
+
 impl FileBackend {
-    /// placeholder
-    pub fn open(_d: &std::path::Path) -> Result<Self, StoreError> {
-        Err(StoreError::Cleared)
+    /// Opens the store in `dir`, creating it (and any missing parent) with mode 0700 when
+    /// it does not exist. An existing directory keeps its mode; a warning is logged when
+    /// group or others can access it. The process umask is never changed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<FileBackend, StoreError> {
+        let dir = dir.into();
+        create_dirs(&dir)?;
+        let meta = fs::metadata(&dir).map_err(io_err("stat", &dir))?;
+        if !meta.is_dir() {
+            return Err(StoreError::Io {
+                op: "open store",
+                path: dir,
+                source: Errno::ENOTDIR.into(),
+            });
+        }
+        let backend = FileBackend {
+            dir,
+            warned_mode: AtomicBool::new(false),
+        };
+        backend.check_mode(&meta, &backend.dir);
+        Ok(backend)
     }
-    /// placeholder
-    pub fn default_dir() -> Option<std::path::PathBuf> {
-        None
+
+    /// The default store directory: `$XDG_DATA_HOME/credproxy` when `XDG_DATA_HOME` is set
+    /// to an absolute path, else `$HOME/.local/share/credproxy`; `None` when `HOME` is
+    /// unset or not absolute either.
+    pub fn default_dir() -> Option<PathBuf> {
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from) {
+            if xdg.is_absolute() {
+                return Some(xdg.join("credproxy"));
+            }
+        }
+        let home = PathBuf::from(std::env::var_os("HOME")?);
+        home.is_absolute()
+            .then(|| home.join(".local/share/credproxy"))
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn token_dir(&self, provider: &str) -> PathBuf {
+        self.dir.join(TOKENS).join(provider)
+    }
+
+    /// Takes the store's exclusive lock; it is released when the returned value drops.
+    fn lock(&self) -> Result<Flock<File>, StoreError> {
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .custom_flags(OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(lock) => return Ok(lock),
+                Err((f, Errno::EINTR)) => file = f,
+                Err((_, errno)) => return Err(io_err("lock", &path)(errno.into())),
+            }
+        }
+    }
+
+    /// Warns (once per backend) when a store file or directory is open to group or others.
+    fn check_mode(&self, meta: &fs::Metadata, path: &Path) {
+        if meta.mode() & 0o077 != 0 && !self.warned_mode.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format_args!("{:o}", meta.mode() & 0o7777),
+                "credproxy store entry is accessible by group or others (expected 0600 files, 0700 directories)"
+            );
+        }
+    }
+
+    /// The bytes of a store file; `None` when it does not exist. Symlinks are not followed.
+    fn read_file(&self, path: &Path) -> Result<Option<SecretBytes>, StoreError> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err("stat", path))?;
+        if !meta.is_file() {
+            return Err(corrupt(path, "not a regular file"));
+        }
+        self.check_mode(&meta, path);
+        // Sized up front so that the buffer is not reallocated (leaving unwiped copies).
+        let mut buf = SecretBytes(Vec::with_capacity(
+            meta.len().min(MAX_FILE_LEN) as usize + 1,
+        ));
+        (&file)
+            .take(MAX_FILE_LEN + 1)
+            .read_to_end(&mut buf.0)
+            .map_err(io_err("read", path))?;
+        if buf.0.len() as u64 > MAX_FILE_LEN {
+            return Err(corrupt(path, "larger than 1 MiB"));
+        }
+        Ok(Some(buf))
+    }
+
+    fn read_token(&self, path: &Path) -> Result<Option<Token>, StoreError> {
+        let Some(bytes) = self.read_file(path)? else {
+            return Ok(None);
+        };
+        let value = parse_json(path, &bytes)?;
+        Token::from_value(value)
+            .map(Some)
+            .map_err(|e| corrupt(path, e.to_string()))
     }
 }
-impl super::Backend for FileBackend {
+
+impl Backend for FileBackend {
     fn is_blocking(&self) -> bool {
         true
     }
-    fn get_token(&self, _: &str, _: &str) -> Result<Option<crate::token::Token>, StoreError> {
-        Ok(None)
+
+    fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        self.read_token(&self.token_dir(provider).join(format!("{bucket}{EXT}")))
     }
+
+    /// In [`SaveMode::Merge`] a stored file that cannot be read or is not a valid token
+    /// fails the call with [`StoreError::Corrupt`] (or `Io`) and is left untouched: it is
+    /// never silently overwritten. [`SaveMode::Replace`] (the host's explicit
+    /// `credproxy store token set`) does not read the stored file and overwrites it.
     fn save_token(
         &self,
-        _: &str,
-        _: &str,
-        _: &crate::token::Token,
-        _: super::SaveMode,
+        provider: &str,
+        bucket: &str,
+        incoming: &Token,
+        mode: SaveMode,
     ) -> Result<(), StoreError> {
-        Ok(())
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let _lock = self.lock()?;
+        let dir = self.token_dir(provider);
+        let file_name = format!("{bucket}{EXT}");
+        let merged;
+        let next = match mode {
+            SaveMode::Replace => incoming,
+            SaveMode::Merge => match self.read_token(&dir.join(&file_name))? {
+                Some(stored) => {
+                    merged = stored.merge(incoming);
+                    &merged
+                }
+                None => incoming,
+            },
+        };
+        write_json(&dir, &file_name, next)
     }
-    fn remove_token(&self, _: &str, _: &str) -> Result<bool, StoreError> {
-        Ok(false)
+
+    fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let _lock = self.lock()?;
+        let dir = self.token_dir(provider);
+        let removed = remove_file(&dir.join(format!("{bucket}{EXT}")))?;
+        // Drop the provider directory once its last token is gone (under the lock, so no
+        // concurrent save is about to write into it).
+        match fs::remove_dir(&dir) {
+            Ok(()) => sync_dir(&self.dir.join(TOKENS))?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e)
+                if [Some(Errno::ENOTEMPTY as i32), Some(Errno::EEXIST as i32)]
+                    .contains(&e.raw_os_error()) =>
+            {
+                if removed {
+                    sync_dir(&dir)?;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove an empty provider directory")
+            }
+        }
+        Ok(removed)
     }
+
     fn list_providers(&self) -> Result<Vec<String>, StoreError> {
-        Ok(vec![])
+        let candidates = list_dir(&self.dir.join(TOKENS), |name, file_type| {
+            (file_type.is_dir() && is_valid(NameKind::Provider, name)).then(|| name.to_owned())
+        })?;
+        let mut providers = Vec::new();
+        for provider in candidates {
+            if !self.list_buckets(&provider)?.is_empty() {
+                providers.push(provider);
+            }
+        }
+        Ok(providers)
     }
-    fn list_buckets(&self, _: &str) -> Result<Vec<String>, StoreError> {
-        Ok(vec![])
+
+    fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        check(NameKind::Provider, provider)?;
+        list_dir(&self.token_dir(provider), json_stem(NameKind::Bucket))
     }
-    fn get_key(&self, _: &str) -> Result<Option<crate::secret::Secret>, StoreError> {
-        Ok(None)
+
+    fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
+        check(NameKind::Key, name)?;
+        let path = self.dir.join(KEYS).join(format!("{name}{EXT}"));
+        let Some(bytes) = self.read_file(&path)? else {
+            return Ok(None);
+        };
+        let mut map = match parse_json(&path, &bytes)? {
+            Value::Object(map) => map,
+            mut other => {
+                wipe_json(&mut other);
+                return Err(corrupt(&path, "not a JSON object"));
+            }
+        };
+        let key = map.remove("key");
+        map.values_mut().for_each(wipe_json);
+        match key {
+            Some(Value::String(s)) => Ok(Some(Secret::new(s))),
+            None => Err(corrupt(&path, "missing key")),
+            Some(mut other) => {
+                wipe_json(&mut other);
+                Err(corrupt(&path, "key must be a string"))
+            }
+        }
     }
-    fn set_key(&self, _: &str, _: &crate::secret::Secret) -> Result<(), StoreError> {
-        Ok(())
+
+    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
+        check(NameKind::Key, name)?;
+        let _lock = self.lock()?;
+        let key = KeyFile { key: key.expose() };
+        write_json(&self.dir.join(KEYS), &format!("{name}{EXT}"), &key)
     }
-    fn remove_key(&self, _: &str) -> Result<bool, StoreError> {
-        Ok(false)
+
+    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
+        check(NameKind::Key, name)?;
+        let _lock = self.lock()?;
+        let dir = self.dir.join(KEYS);
+        let removed = remove_file(&dir.join(format!("{name}{EXT}")))?;
+        if removed {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
     }
+
     fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        Ok(vec![])
+        list_dir(&self.dir.join(KEYS), json_stem(NameKind::Key))
     }
-    fn clear(&self) {}
+
+    fn clear(&self) {
+        // Nothing is held in memory between calls.
+    }
+}
+
+fn check(kind: NameKind, name: &str) -> Result<(), StoreError> {
+    if is_valid(kind, name) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName)
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses a store file; the error names the position only, never the content.
+fn parse_json(path: &Path, bytes: &SecretBytes) -> Result<Value, StoreError> {
+    serde_json::from_slice(&bytes.0).map_err(|e| {
+        corrupt(
+            path,
+            format!("not valid JSON at line {} column {}", e.line(), e.column()),
+        )
+    })
+}
+
+/// Creates `dir` and any missing parent with mode 0700 (set by chmod, whatever the umask),
+/// flushing each new directory's parent so that the new entry survives a crash.
+fn create_dirs(dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    loop {
+        match fs::symlink_metadata(cur) {
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::NotFound => missing.push(cur),
+            Err(e) => return Err(io_err("stat", cur)(e)),
+        }
+        match cur.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => cur = parent,
+            _ => break,
+        }
+    }
+    for path in missing.into_iter().rev() {
+        match DirBuilder::new().mode(DIR_MODE).create(path) {
+            Ok(()) => {
+                fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
+                    .map_err(io_err("chmod", path))?;
+                match path.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+                    _ => sync_dir(Path::new("."))?,
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("mkdir", path)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+/// Deletes a file; `Ok(false)` when it did not exist.
+fn remove_file(path: &Path) -> Result<bool, StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
+}
+
+/// Serializes `value` into a buffer sized in advance, so that no reallocation leaves an
+/// unwiped partial copy behind; the buffer is wiped when dropped.
+fn to_json(value: &impl serde::Serialize) -> serde_json::Result<SecretBytes> {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    let mut buf = SecretBytes(Vec::with_capacity(count.0));
+    serde_json::to_writer(&mut buf.0, value)?;
+    Ok(buf)
+}
+
+/// Replaces `dir/name` with `value` as JSON, atomically (see the module documentation),
+/// creating `dir` first when needed. An error from the final directory flush means the new
+/// file is in place but might not survive a crash.
+fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
+    let target = dir.join(name);
+    let data = to_json(value).map_err(|e| io_err("serialize", &target)(e.into()))?;
+    create_dirs(dir)?;
+    let mut attempt = 0;
+    let (tmp, mut file) = loop {
+        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)
+        {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(io_err("create", &tmp)(e)),
+        }
+    };
+    let result = file
+        .set_permissions(Permissions::from_mode(FILE_MODE))
+        .map_err(io_err("chmod", &tmp))
+        .and_then(|()| file.write_all(&data.0).map_err(io_err("write", &tmp)))
+        .and_then(|()| file.sync_all().map_err(io_err("fsync", &tmp)))
+        .and_then(|()| fs::rename(&tmp, &target).map_err(io_err("rename", &target)));
+    drop(file);
+    if let Err(e) = result {
+        if let Err(rm) = fs::remove_file(&tmp) {
+            tracing::warn!(path = %tmp.display(), error = %rm, "could not remove a temporary store file");
+        }
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// The names `keep` accepts among the entries of `dir`, sorted; empty when `dir` is absent.
+fn list_dir(
+    dir: &Path,
+    keep: impl Fn(&str, fs::FileType) -> Option<String>,
+) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("list", dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("list", dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let file_type = match entry.file_type() {
+            Ok(file_type) => file_type,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("stat", &entry.path())(e)),
+        };
+        names.extend(keep(&name, file_type));
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Accepts regular files named `<valid name>.json`, yielding the name.
+fn json_stem(kind: NameKind) -> impl Fn(&str, fs::FileType) -> Option<String> {
+    move |name, file_type| {
+        let stem = name.strip_suffix(EXT)?;
+        (file_type.is_file() && is_valid(kind, stem)).then(|| stem.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::{mpsc, Barrier};
+    use std::time::Duration;
+
+    fn tok(v: Value) -> Token {
+        Token::from_value(v).expect("valid token")
+    }
+
+    fn basic(access: &str) -> Token {
+        tok(json!({"access_token": access, "expiry": 1, "token_type": "Bearer"}))
+    }
+
+    fn put(b: &FileBackend, provider: &str, bucket: &str, token: &Token, mode: SaveMode) {
+        b.save_token(provider, bucket, token, mode).unwrap();
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn count(dir: &Path) -> usize {
+        fs::read_dir(dir).unwrap().count()
+    }
+
+    fn store() -> (tempfile::TempDir, FileBackend) {
+        let t = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(t.path().join("store")).unwrap();
+        (t, b)
+    }
+
+    #[test]
+    fn open_creates_missing_dirs_0700() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("a/b/store");
+        let b = FileBackend::open(&dir).unwrap();
+        assert_eq!(b.dir(), dir);
+        for p in ["a", "a/b", "a/b/store"] {
+            assert_eq!(mode(&t.path().join(p)), 0o700, "{p}");
+        }
+        assert!(b.is_blocking());
+        FileBackend::open(&dir).unwrap();
+        fs::write(t.path().join("f"), "").unwrap();
+        let err = FileBackend::open(t.path().join("f")).unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }));
+    }
+
+    #[test]
+    fn token_round_trip_merge_replace_and_modes() {
+        let (_t, b) = store();
+        assert!(b.get_token("p", "default").unwrap().is_none());
+        let first = tok(
+            json!({"access_token":"A1","expiry":1,"token_type":"B","refresh_token":"R","x":"y"}),
+        );
+        put(&b, "p", "default", &first, SaveMode::Merge);
+        assert_eq!(b.get_token("p", "default").unwrap().unwrap(), first);
+        put(&b, "p", "default", &basic("A2"), SaveMode::Merge);
+        let got = b.get_token("p", "default").unwrap().unwrap();
+        assert_eq!(got.fields()["access_token"], "A2");
+        assert_eq!(got.fields()["refresh_token"], "R");
+        assert_eq!(got.fields()["x"], "y");
+        put(&b, "p", "default", &basic("A3"), SaveMode::Replace);
+        assert_eq!(b.get_token("p", "default").unwrap().unwrap(), basic("A3"));
+
+        let (tokens, file) = (b.dir().join(TOKENS), b.dir().join("tokens/p/default.json"));
+        for dir in [b.dir(), &tokens, &tokens.join("p")] {
+            assert_eq!(mode(dir), 0o700);
+        }
+        assert_eq!(mode(&file), 0o600);
+        let v: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+        assert_eq!(v["access_token"], "A3");
+        assert_eq!(count(&tokens.join("p")), 1, "no temp file left");
+        // A file opened up by hand is still read; clear() drops nothing on disk.
+        fs::set_permissions(&file, Permissions::from_mode(0o644)).unwrap();
+        b.clear();
+        assert!(b.get_token("p", "default").unwrap().is_some());
+    }
+
+    #[test]
+    fn key_round_trip() {
+        let (_t, b) = store();
+        assert!(b.get_key("k").unwrap().is_none());
+        b.set_key("k", &Secret::from("S1")).unwrap();
+        let path = b.dir().join("keys/k.json");
+        assert_eq!(fs::read(&path).unwrap(), br#"{"key":"S1"}"#);
+        assert_eq!((mode(&path), mode(&b.dir().join(KEYS))), (0o600, 0o700));
+        let odd = "q\"uote\\slash\nnewline";
+        b.set_key("k", &Secret::from(odd)).unwrap();
+        assert_eq!(b.get_key("k").unwrap().unwrap().expose(), odd);
+        assert_eq!(b.list_keys().unwrap(), ["k"]);
+        assert!(b.remove_key("k").unwrap());
+        assert!(!b.remove_key("k").unwrap());
+        assert!(b.get_key("k").unwrap().is_none());
+        assert!(b.list_keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn corrupt_files_are_reported_and_kept() {
+        let (_t, b) = store();
+        let path = b.dir().join("tokens/p/b.json");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"{\"access_token\": \"CANARY\",\n  ",
+                "not valid JSON at line 2",
+            ),
+            (
+                br#"{"access_token":"CANARY","expiry":1}"#,
+                "missing token_type",
+            ),
+            (br#"["CANARY"]"#, "JSON object"),
+            (b"", "not valid JSON"),
+        ];
+        for (content, reason) in cases {
+            fs::write(&path, content).unwrap();
+            let err = b.get_token("p", "b").unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{text}");
+            assert!(text.contains(reason) && !text.contains("CANARY"), "{text}");
+            let err = b.save_token("p", "b", &basic("new"), SaveMode::Merge);
+            assert!(matches!(err, Err(StoreError::Corrupt { .. })));
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                content,
+                "corrupt file overwritten"
+            );
+        }
+        put(&b, "p", "b", &basic("new"), SaveMode::Replace);
+        assert_eq!(b.get_token("p", "b").unwrap().unwrap(), basic("new"));
+
+        fs::create_dir_all(b.dir().join(KEYS)).unwrap();
+        for content in ["[\"CANARY\"]", r#"{"key":5}"#, r#"{"other":"CANARY"}"#, "{"] {
+            fs::write(b.dir().join("keys/k.json"), content).unwrap();
+            let err = b.get_key("k").unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }));
+            assert!(!err.to_string().contains("CANARY"));
+        }
+    }
+
+    #[test]
+    fn failed_write_leaves_no_temp_file() {
+        let (_t, b) = store();
+        let dir = b.dir().join("tokens/p");
+        fs::create_dir_all(dir.join("b.json/inner")).unwrap();
+        let err = b.save_token("p", "b", &basic("a"), SaveMode::Replace);
+        assert!(matches!(err, Err(StoreError::Io { op: "rename", .. })));
+        assert_eq!(count(&dir), 1);
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let (t, b) = store();
+        let (tk, key) = (basic("a"), Secret::from("s"));
+        for bad in ["../x", "a/b", ".", "..", "", "a\0b"] {
+            let results = [
+                b.save_token(bad, "b", &tk, SaveMode::Merge),
+                b.save_token("p", bad, &tk, SaveMode::Replace),
+                b.get_token(bad, "b").map(drop),
+                b.get_token("p", bad).map(drop),
+                b.remove_token(bad, "b").map(drop),
+                b.remove_token("p", bad).map(drop),
+                b.list_buckets(bad).map(drop),
+                b.set_key(bad, &key),
+                b.get_key(bad).map(drop),
+                b.remove_key(bad).map(drop),
+            ];
+            for r in results {
+                assert!(matches!(r, Err(StoreError::InvalidName)), "{bad:?}");
+            }
+        }
+        assert!(matches!(
+            b.set_key("a@b", &key),
+            Err(StoreError::InvalidName)
+        ));
+        assert_eq!(count(t.path()), 1);
+        assert!(!b.dir().join(TOKENS).exists() && !b.dir().join(KEYS).exists());
+    }
+
+    #[test]
+    fn lists_are_sorted_and_skip_junk() {
+        let (_t, b) = store();
+        for (p, bucket) in [
+            ("p2", "b"),
+            ("p1", "zeta"),
+            ("p1", "alpha"),
+            ("p1", "x@y.z"),
+        ] {
+            put(&b, p, bucket, &basic("a"), SaveMode::Merge);
+        }
+        b.set_key("z", &Secret::from("1")).unwrap();
+        b.set_key("a", &Secret::from("2")).unwrap();
+        for dir in [
+            "tokens/p1/sub.json",
+            "tokens/empty",
+            "tokens/bad name",
+            "keys/d.json",
+        ] {
+            fs::create_dir_all(b.dir().join(dir)).unwrap();
+        }
+        let junk = [
+            "tokens/p1/.alpha.json.deadbeef.tmp",
+            "tokens/p1/notes.txt",
+            "tokens/p1/bad name.json",
+            "tokens/empty/.x.json.00000000.tmp",
+            "tokens/bad name/x.json",
+            "tokens/file.json",
+            "keys/.k.json.0000abcd.tmp",
+            "keys/a@b.json",
+            "keys/readme",
+        ];
+        for file in junk {
+            fs::write(b.dir().join(file), "junk").unwrap();
+        }
+        assert_eq!(b.list_providers().unwrap(), ["p1", "p2"]);
+        assert_eq!(b.list_buckets("p1").unwrap(), ["alpha", "x@y.z", "zeta"]);
+        assert!(b.list_buckets("none").unwrap().is_empty());
+        assert_eq!(b.list_keys().unwrap(), ["a", "z"]);
+    }
+
+    #[test]
+    fn remove_then_list() {
+        let (_t, b) = store();
+        assert!(b.list_providers().unwrap().is_empty() && b.list_keys().unwrap().is_empty());
+        put(&b, "p", "a", &basic("a"), SaveMode::Merge);
+        put(&b, "p", "b", &basic("b"), SaveMode::Merge);
+        assert!(b.remove_token("p", "a").unwrap());
+        assert!(!b.remove_token("p", "a").unwrap());
+        assert_eq!(b.list_buckets("p").unwrap(), ["b"]);
+        assert!(b.remove_token("p", "b").unwrap());
+        assert!(b.list_providers().unwrap().is_empty());
+        assert!(!b.dir().join("tokens/p").exists());
+        assert!(!b.remove_token("q", "a").unwrap());
+    }
+
+    #[test]
+    fn concurrent_merges_lose_no_update() {
+        let (_t, b) = store();
+        let seed = tok(json!({"access_token":"a","expiry":0,"token_type":"B","refresh_token":"R"}));
+        put(&b, "p", "b", &seed, SaveMode::Replace);
+        let barrier = Barrier::new(8);
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let (dir, barrier) = (b.dir().to_owned(), &barrier);
+                s.spawn(move || {
+                    // A backend per thread, as separate processes would have.
+                    let own = FileBackend::open(dir).unwrap();
+                    barrier.wait();
+                    for round in 0..4 {
+                        let field = format!("f{i}");
+                        let t = tok(
+                            json!({"access_token":"a","expiry":round,"token_type":"B",field:round}),
+                        );
+                        put(&own, "p", "b", &t, SaveMode::Merge);
+                    }
+                });
+            }
+        });
+        let got = b.get_token("p", "b").unwrap().unwrap();
+        for i in 0..8 {
+            assert_eq!(
+                got.fields()[&format!("f{i}")],
+                3,
+                "lost update of thread {i}"
+            );
+        }
+        assert_eq!(got.fields()["refresh_token"], "R");
+        assert_eq!(count(&b.dir().join("tokens/p")), 1);
+    }
+
+    #[test]
+    fn writers_wait_for_the_store_lock() {
+        let (_t, b) = store();
+        // Each lock() opens .lock afresh: the same exclusion another process would see.
+        let held = b.lock().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let b = &b;
+        std::thread::scope(|s| {
+            s.spawn(move || tx.send(b.save_token("p", "b", &basic("a"), SaveMode::Merge)));
+            let early = rx.recv_timeout(Duration::from_millis(150));
+            assert!(early.is_err(), "save ran while the lock was held");
+            assert!(
+                b.get_token("p", "b").unwrap().is_none(),
+                "reads take no lock"
+            );
+            drop(held);
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        });
+        assert!(b.get_token("p", "b").unwrap().is_some());
+    }
 }

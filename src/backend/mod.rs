@@ -1,4 +1,4 @@
-//! Storage backends behind one trait: [`memory`] for tests and embedding, [`file`] for
+//! Storage backends behind one trait: [`memory`] for tests and embedding, [`mod@file`] for
 //! `credproxy serve` and `credproxy store`.
 //!
 //! A backend is synchronous. The [`CredentialStore`](crate::store::CredentialStore) actor

@@ -42,11 +42,28 @@ pub fn token(access: &str, refresh: Option<&str>) -> Token {
 /// (each with a refresh token) and the API keys `anthropic` and `openai`.
 pub fn seeded() -> Arc<MemoryBackend> {
     let m = MemoryBackend::new();
-    m.insert_token("anthropic", "default", token("at-anthropic-default", Some("rt-anthropic-default"))).expect("seed");
-    m.insert_token("anthropic", "work", token("at-anthropic-work", Some("rt-anthropic-work"))).expect("seed");
-    m.insert_token("gemini", "default", token("at-gemini-default", Some("rt-gemini-default"))).expect("seed");
-    m.insert_key("anthropic", Secret::from("sk-anthropic")).expect("seed");
-    m.insert_key("openai", Secret::from("sk-openai")).expect("seed");
+    m.insert_token(
+        "anthropic",
+        "default",
+        token("at-anthropic-default", Some("rt-anthropic-default")),
+    )
+    .expect("seed");
+    m.insert_token(
+        "anthropic",
+        "work",
+        token("at-anthropic-work", Some("rt-anthropic-work")),
+    )
+    .expect("seed");
+    m.insert_token(
+        "gemini",
+        "default",
+        token("at-gemini-default", Some("rt-gemini-default")),
+    )
+    .expect("seed");
+    m.insert_key("anthropic", Secret::from("sk-anthropic"))
+        .expect("seed");
+    m.insert_key("openai", Secret::from("sk-openai"))
+        .expect("seed");
     Arc::new(m)
 }
 
@@ -68,7 +85,12 @@ impl TestServer {
         config.limits = limits;
         let handle = Supervisor::start(config).expect("server starts");
         let path = handle.socket_path().to_owned();
-        TestServer { handle: Some(handle), path, dir, backend }
+        TestServer {
+            handle: Some(handle),
+            path,
+            dir,
+            backend,
+        }
     }
 
     /// A server allowing everything, with short limits and the seeded store.
@@ -85,12 +107,19 @@ impl TestServer {
 
     /// Shuts the server down and returns the report.
     pub fn shutdown(&mut self) -> credproxy::ShutdownReport {
-        self.handle.take().expect("running").shutdown_blocking().expect("shutdown")
+        self.handle
+            .take()
+            .expect("running")
+            .shutdown_blocking()
+            .expect("shutdown")
     }
 }
 
 pub fn allow_all() -> Profile {
-    Profile { allow_all: true, ..Profile::default() }
+    Profile {
+        allow_all: true,
+        ..Profile::default()
+    }
 }
 
 /// A raw-frame client over a blocking Unix stream.
@@ -130,7 +159,12 @@ impl Raw {
         let mut header = [0u8; 4];
         match self.stream.read_exact(&mut header) {
             Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof || e.kind() == ErrorKind::ConnectionReset => return None,
+            Err(e)
+                if e.kind() == ErrorKind::UnexpectedEof
+                    || e.kind() == ErrorKind::ConnectionReset =>
+            {
+                return None
+            }
             Err(e) => panic!("reading a reply header: {e}"),
         }
         let len = u32::from_be_bytes(header) as usize;
@@ -157,7 +191,10 @@ impl Raw {
 
     pub fn handshake(&mut self) {
         self.send(&json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}));
-        assert_eq!(self.recv(), json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}}));
+        assert_eq!(
+            self.recv(),
+            json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}})
+        );
     }
 
     /// Sends a request and returns its reply (expects the next frame to answer it).
@@ -178,7 +215,11 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
 
 /// The error code of a reply (panics on a success reply).
 pub fn code(reply: &Value) -> &str {
-    assert_eq!(reply["ok"], json!(false), "expected an error reply: {reply}");
+    assert_eq!(
+        reply["ok"],
+        json!(false),
+        "expected an error reply: {reply}"
+    );
     reply["code"].as_str().expect("code")
 }
 
@@ -186,4 +227,73 @@ pub fn code(reply: &Value) -> &str {
 pub fn data(reply: &Value) -> &Value {
     assert_eq!(reply["ok"], json!(true), "expected success: {reply}");
     &reply["data"]
+}
+
+/// A backend whose `get_token` takes `delay` (on the blocking pool); everything else is
+/// the wrapped memory store.
+#[derive(Debug)]
+pub struct SlowBackend {
+    pub inner: Arc<MemoryBackend>,
+    pub delay: Duration,
+}
+
+impl credproxy::backend::Backend for SlowBackend {
+    fn is_blocking(&self) -> bool {
+        true
+    }
+    fn get_token(&self, p: &str, b: &str) -> Result<Option<Token>, credproxy::backend::StoreError> {
+        std::thread::sleep(self.delay);
+        self.inner.get_token(p, b)
+    }
+    fn save_token(
+        &self,
+        p: &str,
+        b: &str,
+        t: &Token,
+        m: credproxy::backend::SaveMode,
+    ) -> Result<(), credproxy::backend::StoreError> {
+        self.inner.save_token(p, b, t, m)
+    }
+    fn remove_token(&self, p: &str, b: &str) -> Result<bool, credproxy::backend::StoreError> {
+        self.inner.remove_token(p, b)
+    }
+    fn list_providers(&self) -> Result<Vec<String>, credproxy::backend::StoreError> {
+        self.inner.list_providers()
+    }
+    fn list_buckets(&self, p: &str) -> Result<Vec<String>, credproxy::backend::StoreError> {
+        self.inner.list_buckets(p)
+    }
+    fn get_key(&self, n: &str) -> Result<Option<Secret>, credproxy::backend::StoreError> {
+        self.inner.get_key(n)
+    }
+    fn set_key(&self, n: &str, k: &Secret) -> Result<(), credproxy::backend::StoreError> {
+        self.inner.set_key(n, k)
+    }
+    fn remove_key(&self, n: &str) -> Result<bool, credproxy::backend::StoreError> {
+        self.inner.remove_key(n)
+    }
+    fn list_keys(&self) -> Result<Vec<String>, credproxy::backend::StoreError> {
+        self.inner.list_keys()
+    }
+    fn clear(&self) {
+        self.inner.clear()
+    }
+}
+
+/// Starts a server over any backend on a fresh temporary directory.
+pub fn start_backend(
+    backend: Arc<dyn credproxy::backend::Backend>,
+    limits: Limits,
+) -> (ServerHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(backend);
+    config.socket_dir = Some(dir.path().to_owned());
+    config.profile = allow_all();
+    config.limits = limits;
+    (Supervisor::start(config).expect("server starts"), dir)
+}
+
+/// True when running as root (tests of foreign uids need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
