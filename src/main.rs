@@ -147,7 +147,22 @@ fn fail(msg: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line instead of clap's usage block: what was wrong, and where to look.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("credproxy: {first}; see 'credproxy --help'");
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     let result = match cli.command {
         Command::Serve(args) => serve(args),

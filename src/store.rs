@@ -10,13 +10,14 @@
 //! answered with a failure (the blocking call itself finishes in the background, still
 //! holding its lock).
 //!
-//! The workers are plain detached threads rather than tokio's blocking pool because the
-//! runtime waits for its blocking pool when it is dropped: one store call stuck in the
-//! kernel (a hung network filesystem) would then hold up shutdown without bound.
+//! The workers are the blocking pool of a private runtime rather than the actix runtime's:
+//! a runtime waits for its blocking pool when it is dropped, so one store call stuck in
+//! the kernel (a hung network filesystem) would hold up shutdown without bound; the
+//! private pool is released without waiting.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::{fut, Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture, WrapFuture};
@@ -65,58 +66,45 @@ pub struct CredentialStore {
     workers: Option<Workers>,
 }
 
-/// Threads running blocking backend calls.
-const WORKER_THREADS: usize = 4;
+/// Upper bound on threads running blocking backend calls at once. Calls past it queue;
+/// it is far above what a healthy disk needs and bounds the damage of a hung one.
+const MAX_BLOCKING_THREADS: usize = 256;
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A fixed set of detached worker threads fed by a channel. Dropping it closes the
-/// channel; each worker exits after its current job.
-#[derive(Debug)]
+/// The blocking pool of a private tokio runtime that is never driven itself: it grows a
+/// thread whenever every thread is busy (so a few stuck calls never hold up the others),
+/// idle threads exit, and on shutdown it is released with `shutdown_background`, which
+/// does not wait for calls stuck in the kernel.
 struct Workers {
-    jobs: mpsc::Sender<Job>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Workers")
+    }
 }
 
 impl Workers {
     fn start() -> Option<Workers> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..WORKER_THREADS {
-            let rx = Arc::clone(&rx);
-            let spawned = std::thread::Builder::new()
-                .name(format!("credproxy-store-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start a store worker thread");
-                if i == 0 {
-                    return None;
-                }
+        match tokio::runtime::Builder::new_current_thread()
+            .thread_name("credproxy-store")
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            .build()
+        {
+            Ok(runtime) => Some(Workers { runtime }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the store's worker pool");
+                None
             }
         }
-        Some(Workers { jobs })
     }
 
-    /// Runs `f` on a worker; the receiver yields its result (or an error if it panicked).
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> tokio::sync::oneshot::Receiver<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = tx.send(f());
-        });
-        // A send error drops the job and with it `tx`: the caller sees a failure.
-        let _ = self.jobs.send(job);
-        rx
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
+    fn release(self) {
+        self.runtime.shutdown_background();
     }
 }
 
@@ -151,7 +139,7 @@ impl CredentialStore {
         if self.workers.is_none() {
             self.workers = Workers::start();
         }
-        let Some(jobs) = self.workers.as_ref().map(|w| w.jobs.clone()) else {
+        let Some(pool) = self.workers.as_ref().map(Workers::handle) else {
             return Box::pin(fut::ready(Err(StoreFailed)));
         };
         let backend = Arc::clone(&self.backend);
@@ -164,7 +152,7 @@ impl CredentialStore {
                 Some(lock) => Some(lock.lock_owned().await),
                 None => None,
             };
-            let job = Workers { jobs }.run(move || {
+            let job = pool.spawn_blocking(move || {
                 let _held = guard;
                 op(backend.as_ref())
             });
@@ -254,8 +242,12 @@ impl Actor for CredentialStore {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        // Safety net for a System stopped without the Shutdown sequence.
+        // Safety net for a System stopped without the Shutdown sequence. Dropping a
+        // runtime on an async thread would panic and would wait for stuck calls.
         self.backend.clear();
+        if let Some(workers) = self.workers.take() {
+            workers.release();
+        }
     }
 }
 
@@ -434,7 +426,9 @@ impl Handler<Clear> for CredentialStore {
         self.backend.clear();
         self.stats.clear();
         self.locks.clear();
-        self.workers = None;
+        if let Some(workers) = self.workers.take() {
+            workers.release();
+        }
         actix::ActorContext::stop(ctx);
     }
 }

@@ -21,6 +21,14 @@ pub enum TokenError {
     /// The value is not a JSON object.
     #[error("token must be a JSON object")]
     NotAnObject,
+    /// The text is not valid JSON (position only, never content).
+    #[error("token is not valid JSON (line {line}, column {column})")]
+    NotJson {
+        /// Line of the first error.
+        line: usize,
+        /// Column of the first error.
+        column: usize,
+    },
     /// A required field is absent.
     #[error("token is missing {0}")]
     Missing(&'static str),
@@ -57,7 +65,10 @@ impl Token {
 
     /// Parses and validates token JSON text (the store file, or `credproxy store` input).
     pub fn from_json(text: &[u8]) -> Result<Token, TokenError> {
-        let value: Value = serde_json::from_slice(text).map_err(|_| TokenError::NotAnObject)?;
+        let value: Value = serde_json::from_slice(text).map_err(|e| TokenError::NotJson {
+            line: e.line(),
+            column: e.column(),
+        })?;
         Token::from_value(value)
     }
 

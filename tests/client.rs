@@ -1,0 +1,214 @@
+//! The client library against a real server: lazy connect, concurrent requests on one
+//! connection, typed results and errors, idle close and reconnect, and "connection lost"
+//! with no automatic reconnect.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use credproxy::client::{Client, ClientConfig, ClientError};
+use credproxy::protocol::ErrorCode;
+use credproxy::supervisor::SessionCount;
+use serde_json::json;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn sessions(s: &TestServer) -> usize {
+    rt().block_on(sessions_async(s))
+}
+
+/// Counted from inside the client's runtime: the client's connection lives as long as
+/// the runtime driving it.
+async fn sessions_async(s: &TestServer) -> usize {
+    let addr = s.handle.as_ref().expect("running").addr().clone();
+    addr.send(SessionCount).await.expect("count")
+}
+
+#[test]
+fn lazy_connect_and_typed_operations() {
+    let s = TestServer::start();
+    let client = Client::new(&s.path);
+    assert_eq!(sessions(&s), 0, "no connection before the first request");
+    rt().block_on(async {
+        let t = client
+            .get_token("anthropic", Some("work"))
+            .await
+            .expect("get")
+            .expect("found");
+        assert_eq!(t.fields()["access_token"], "at-anthropic-work");
+        assert!(!t.fields().contains_key("refresh_token"));
+        assert!(client
+            .get_token("anthropic", Some("nope"))
+            .await
+            .expect("get")
+            .is_none());
+        assert!(client.get_api_key("missing").await.expect("get").is_none());
+        assert_eq!(
+            client
+                .get_api_key("openai")
+                .await
+                .expect("get")
+                .expect("key")
+                .expose(),
+            "sk-openai"
+        );
+        assert!(client.has_api_key("anthropic").await.expect("has"));
+        assert_eq!(
+            client.list_providers().await.expect("list"),
+            vec!["anthropic", "gemini"]
+        );
+        assert_eq!(
+            client.list_buckets("anthropic").await.expect("list"),
+            vec!["default", "work"]
+        );
+        assert_eq!(
+            client.list_api_keys().await.expect("list"),
+            vec!["anthropic", "openai"]
+        );
+        client
+            .save_token("newp", None, &token("at-new", Some("rt-from-sandbox")))
+            .await
+            .expect("save");
+        let saved = client
+            .get_token("newp", None)
+            .await
+            .expect("get")
+            .expect("saved");
+        assert_eq!(saved.fields()["access_token"], "at-new");
+        let stats = client
+            .get_bucket_stats("newp", None)
+            .await
+            .expect("stats")
+            .expect("found");
+        assert_eq!((stats.request_count, stats.percentage), (1, 100.0));
+        client.remove_token("newp", None).await.expect("remove");
+        assert!(client.get_token("newp", None).await.expect("get").is_none());
+        let err = client
+            .get_token("../x", None)
+            .await
+            .expect_err("invalid name");
+        assert_eq!(err.code(), Some(ErrorCode::InvalidRequest));
+        assert_eq!(
+            sessions_async(&s).await,
+            1,
+            "one connection served everything"
+        );
+    });
+}
+
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let s = TestServer::start();
+    let client = Client::new(&s.path);
+    rt().block_on(async {
+        let calls = (0..40).map(|i| {
+            let c = client.clone();
+            async move {
+                let bucket = if i % 2 == 0 { "default" } else { "work" };
+                c.get_token("anthropic", Some(bucket))
+                    .await
+                    .expect("get")
+                    .expect("found")
+            }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        assert_eq!(results.len(), 40);
+        assert_eq!(sessions_async(&s).await, 1);
+    });
+}
+
+#[test]
+fn unauthorized_is_a_typed_error_with_the_word() {
+    let mut profile = credproxy::policy::Profile::default();
+    profile.allow("gemini").expect("allow");
+    let s = TestServer::start_with(profile, short_limits(), seeded());
+    let client = Client::new(&s.path);
+    let err = rt()
+        .block_on(client.get_token("anthropic", None))
+        .expect_err("outside");
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
+    assert!(err.to_string().starts_with("UNAUTHORIZED: "), "{err}");
+}
+
+#[test]
+fn idle_close_then_fresh_connect_and_handshake() {
+    let s = TestServer::start();
+    let config = ClientConfig {
+        idle_timeout: Duration::from_millis(150),
+        ..ClientConfig::default()
+    };
+    let client = Client::with_config(&s.path, config);
+    let runtime = rt();
+    runtime.block_on(async {
+        assert!(client.has_api_key("openai").await.expect("has"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    });
+    assert_eq!(sessions(&s), 0, "the client closed its idle connection");
+    runtime.block_on(async {
+        assert!(client
+            .has_api_key("openai")
+            .await
+            .expect("reconnects after its own idle close"));
+        assert_eq!(sessions_async(&s).await, 1);
+    });
+}
+
+#[test]
+fn lost_connection_fails_every_later_call_without_reconnecting() {
+    let mut s = TestServer::start();
+    let client = Client::new(&s.path);
+    let runtime = rt();
+    runtime.block_on(async {
+        assert!(client.has_api_key("openai").await.expect("has"));
+    });
+    s.shutdown();
+    // A new server on the same path would be reachable; the client must not reconnect.
+    runtime.block_on(async {
+        for _ in 0..2 {
+            let err = client.list_providers().await.expect_err("lost");
+            assert!(matches!(err, ClientError::ConnectionLost), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                "Credential proxy connection lost. Restart the session."
+            );
+        }
+    });
+}
+
+#[test]
+fn unreachable_proxy_is_a_connect_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::new(dir.path().join("none.sock"));
+    let err = rt()
+        .block_on(client.list_providers())
+        .expect_err("no server");
+    assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+}
+
+#[test]
+fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
+    let backend = seeded();
+    let big = "x".repeat(65_500);
+    let t = credproxy::token::Token::from_value(json!({
+        "access_token": "at", "expiry": 1, "token_type": "Bearer", "blob": big
+    }))
+    .expect("token");
+    backend.insert_token("big", "default", t).expect("seed");
+    let s = TestServer::start_with(allow_all(), short_limits(), backend);
+    let mut raw = s.connect();
+    let reply = raw.call("1", "get_token", json!({"provider":"big"}));
+    assert_eq!(
+        reply,
+        json!({"v":1,"id":"1","ok":false,"code":"INTERNAL_ERROR","error":"response too large"})
+    );
+    assert_eq!(
+        data(&raw.call("2", "has_api_key", json!({"name":"openai"})))["exists"],
+        true
+    );
+}
