@@ -22,12 +22,14 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod names;
 pub mod policy;
+pub mod profile;
 pub mod protocol;
 pub mod rate_limit;
 pub mod secret;

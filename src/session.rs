@@ -330,7 +330,7 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        tracing::info!(
+        tracing::debug!(
             session = self.id,
             uid = self.peer.uid,
             pid = self.peer.pid,
@@ -347,8 +347,10 @@ impl Actor for Session {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         let abandoned = self.in_flight.len() as u64;
-        tracing::info!(
+        tracing::debug!(
             session = self.id,
+            uid = self.peer.uid,
+            pid = self.peer.pid,
             reason = self.close_reason,
             answered = self.answered,
             abandoned,

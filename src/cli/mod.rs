@@ -1,0 +1,119 @@
+//! The `credproxy` command line. `main.rs` only calls [`main`].
+//!
+//! Host side: `serve` (run the proxy until a signal), `exec` (run the proxy around a
+//! command, the way `ssh-agent cmd` or `aws-vault exec` do) and `store` (manage the file
+//! store). Inside the sandbox: `token` and `key`, thin commands over
+//! [`crate::client::Client`] with documented exit codes.
+
+mod exec;
+pub mod inside;
+mod serve;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use serve::{LogFormat, ServeArgs};
+pub use store::StoreCommand;
+
+/// Exit status for a usage error (bad option, bad name, bad input).
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "credproxy",
+    version,
+    about = "Credential proxy for sandboxed processes",
+    after_help = inside::EXIT_CODES_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy: print LLXPRT_CREDENTIAL_SOCKET=<path> once listening, serve until
+    /// SIGINT or SIGTERM, then clean up and exit 0.
+    Serve(ServeArgs),
+    /// Run the proxy around CMD: CMD gets LLXPRT_CREDENTIAL_SOCKET in its environment; when
+    /// it exits the proxy is shut down and its exit status is returned.
+    Exec(exec::ExecArgs),
+    /// Manage the host-side credential store (no server needed; safe while one runs).
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Inside the sandbox: OAuth tokens through the proxy.
+    Token(inside::TokenArgs),
+    /// Inside the sandbox: API keys through the proxy.
+    Key(inside::KeyArgs),
+}
+
+/// A failure reported as one line on stderr, with the exit status to use.
+#[derive(Debug)]
+pub struct Failure {
+    /// The line (without the `credproxy: ` prefix).
+    pub message: String,
+    /// The exit status.
+    pub code: u8,
+}
+
+impl Failure {
+    /// A failure with exit status 1.
+    pub fn new(message: impl Into<String>) -> Failure {
+        Failure::with_code(message, 1)
+    }
+
+    /// A failure with `code`.
+    pub fn with_code(message: impl Into<String>, code: u8) -> Failure {
+        Failure {
+            message: message.into(),
+            code,
+        }
+    }
+
+    /// A usage failure (exit 2).
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure::with_code(message, EXIT_USAGE)
+    }
+}
+
+/// Runs the command line and returns the process's exit status.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line instead of clap's usage block: what was wrong, and where to look.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("credproxy: {first}; see 'credproxy --help'");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => serve::init_logging(args.log_format)
+            .and_then(|()| serve::serve(args))
+            .map(|()| 0),
+        Command::Exec(args) => {
+            serve::init_logging(args.serve.log_format).and_then(|()| exec::exec(args))
+        }
+        Command::Store(cmd) => serve::init_logging(LogFormat::Text)
+            .and_then(|()| store::run(cmd))
+            .map(|()| 0),
+        Command::Token(args) => inside::run_token(args),
+        Command::Key(args) => inside::run_key(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("credproxy: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `credproxy serve`: the options shared with `exec`, building a [`Config`] from them (and
+//! from a `--profile` file), logging set-up, and the serve loop.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+
+use super::Failure;
+use crate::backend::FileBackend;
+use crate::policy::Profile;
+use crate::{profile, Config, Supervisor};
+
+/// `--store DIR`.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArg {
+    /// Store directory [default: $XDG_DATA_HOME/credproxy, else ~/.local/share/credproxy]
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// The options of `serve`, shared by `exec`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The file store.
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// Load a TOML profile (same meaning as the flags below; flags add to it)
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Allow PROVIDER (every bucket) or PROVIDER:BUCKET[,BUCKET...], and the API key named PROVIDER
+    #[arg(long, value_name = "PROVIDER[:BUCKETS]")]
+    pub allow: Vec<String>,
+    /// Allow one more API key name
+    #[arg(long, value_name = "NAME")]
+    pub allow_key: Vec<String>,
+    /// Allow every provider, bucket and key
+    #[arg(long)]
+    pub allow_all: bool,
+    /// Refuse save_token and remove_token with FORBIDDEN
+    #[arg(long)]
+    pub read_only: bool,
+    /// Requests per second per connection; 0 turns the limit off [default: 60]
+    #[arg(long, value_name = "N")]
+    pub rate_limit: Option<u32>,
+    /// Directory for the socket (must exist, be ours, not group/other-writable)
+    /// [default: {tmp}/llxprt-cred-{uid}]
+    #[arg(long, value_name = "DIR")]
+    pub socket_dir: Option<PathBuf>,
+    /// Log format on stderr (level from RUST_LOG, default info)
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Installs the tracing subscriber on stderr; `RUST_LOG` sets the level (default `info`).
+/// It also installs the `log` bridge, so actix's own warnings are visible.
+pub fn init_logging(format: LogFormat) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| Failure::new(format!("cannot set up logging: {e}")))
+}
+
+/// Opens the file store named by `--store`, or the default one.
+pub fn open_store(arg: &StoreArg) -> Result<FileBackend, Failure> {
+    let dir = match &arg.store {
+        Some(dir) => dir.clone(),
+        None => FileBackend::default_dir().ok_or_else(|| {
+            Failure::new(
+                "cannot find a home for the store: set XDG_DATA_HOME or HOME, or pass --store DIR",
+            )
+        })?,
+    };
+    FileBackend::open(&dir).map_err(|e| {
+        Failure::new(format!(
+            "cannot open the store: {e}; check the directory or pass --store DIR"
+        ))
+    })
+}
+
+/// Builds the server configuration: the profile file first, then the flags added to it.
+pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
+    let (mut profile, file_rate) = match &args.profile {
+        Some(path) => {
+            let loaded = profile::load(path).map_err(|e| Failure::usage(e.to_string()))?;
+            (loaded.profile, loaded.rate_limit)
+        }
+        None => (Profile::default(), None),
+    };
+    profile.allow_all |= args.allow_all;
+    profile.read_only |= args.read_only;
+    for spec in &args.allow {
+        profile.allow(spec).map_err(Failure::usage)?;
+    }
+    for name in &args.allow_key {
+        profile.allow_key(name).map_err(Failure::usage)?;
+    }
+    let backend = open_store(&args.store)?;
+    let mut config = Config::new(Arc::new(backend));
+    config.profile = profile;
+    config.socket_dir = args.socket_dir.clone();
+    if let Some(rate) = args.rate_limit.or(file_rate) {
+        config.limits.rate_limit = rate;
+    }
+    Ok(config)
+}
+
+/// `credproxy serve`.
+pub fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let config = build_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Handlers first, so a signal sent right after the socket line is never missed.
+        let handler = |kind, name| {
+            signal(kind).map_err(|e| Failure::new(format!("cannot handle {name}: {e}")))
+        };
+        let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
+        let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
+        let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "{}={}",
+            crate::client::SOCKET_ENV,
+            handle.socket_path().display()
+        );
+        let _ = out.flush();
+        drop(out);
+        let signal = tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+        };
+        tracing::info!(signal, "shutting down");
+        handle
+            .shutdown()
+            .await
+            .map_err(|e| Failure::new(e.to_string()))?;
+        Ok(())
+    })
+}

@@ -1,0 +1,431 @@
+//! Profile files: `credproxy serve --profile FILE` and `credproxy exec --profile FILE`.
+//!
+//! A profile file is a small TOML document with the same meaning as the command-line flags
+//! `--allow`, `--allow-key`, `--allow-all`, `--read-only` and `--rate-limit`, spelled the
+//! same way so a setting moves between the two unchanged:
+//!
+//! ```toml
+//! # every key optional
+//! allow = ["anthropic", "gemini:default,work"]   # same spec as --allow
+//! allow_key = ["openai"]                          # same as --allow-key
+//! allow_all = false
+//! read_only = false
+//! rate_limit = 60                                 # requests/s per connection, 0 = off
+//! ```
+//!
+//! An empty file allows nothing. `examples/profile.toml` is an annotated example.
+//!
+//! A profile file can set these five keys and nothing else: any other key or table, a value
+//! of the wrong type, an invalid name, malformed TOML, invalid UTF-8 or a file over
+//! [`MAX_PROFILE_SIZE`] bytes is refused with an error naming the file and, where there is
+//! one, the 1-based line, on one line of text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, Read};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::policy::Profile;
+
+/// The largest profile file accepted, in bytes (1 MiB).
+pub const MAX_PROFILE_SIZE: u64 = 1 << 20;
+
+/// The keys a profile file may set, in the order error messages list them.
+pub const KEYS: [&str; 5] = ["allow", "allow_key", "allow_all", "read_only", "rate_limit"];
+
+/// What a profile file sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileFile {
+    /// The grants, `allow_all` and `read_only` of the file; nothing allowed when it sets none.
+    pub profile: Profile,
+    /// `rate_limit` (requests per second per connection, 0 = off) when the file sets it.
+    pub rate_limit: Option<u32>,
+}
+
+/// Why a profile file was refused. Every variant displays as one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The file could not be opened or read.
+    #[error("profile {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is larger than [`MAX_PROFILE_SIZE`].
+    #[error("profile {}: larger than the limit of {MAX_PROFILE_SIZE} bytes", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file's content is not a valid profile.
+    #[error("profile {}{}: {message}", path.display(), at_line(*line))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line of the problem, when it is known.
+        line: Option<usize>,
+        /// The problem, on one line.
+        message: String,
+    },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!(", line {n}")).unwrap_or_default()
+}
+
+/// The file as written; `deny_unknown_fields` makes any other key or table an error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_key: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_all: bool,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    rate_limit: Option<u32>,
+}
+
+/// Reads and parses the profile file at `path` (at most [`MAX_PROFILE_SIZE`] bytes).
+pub fn load(path: &Path) -> Result<ProfileFile, ProfileError> {
+    let read_err = |source| ProfileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    // Bounded read rather than trusting the metadata: the path may be a pipe or a device.
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_PROFILE_SIZE {
+        return Err(ProfileError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            return Err(ProfileError::Invalid {
+                path: path.to_owned(),
+                line: Some(line_at(valid, valid.len())),
+                message: "not valid UTF-8".to_owned(),
+            });
+        }
+    };
+    parse(&text, path)
+}
+
+/// Parses the text of a profile file; `origin` is the file's name, used only in messages.
+pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
+    let invalid = |span: Option<Range<usize>>, message: String| ProfileError::Invalid {
+        path: origin.to_owned(),
+        line: span.map(|s| line_at(text.as_bytes(), s.start)),
+        message,
+    };
+    if text.len() as u64 > MAX_PROFILE_SIZE {
+        return Err(ProfileError::TooLarge {
+            path: origin.to_owned(),
+        });
+    }
+    let raw: Raw = toml::from_str(text).map_err(|e| invalid(e.span(), toml_message(text, &e)))?;
+    let mut profile = Profile {
+        allow_all: raw.allow_all,
+        read_only: raw.read_only,
+        ..Profile::default()
+    };
+    for spec in &raw.allow {
+        profile
+            .allow(spec.get_ref())
+            .map_err(|m| invalid(Some(spec.span()), one_line(&m)))?;
+    }
+    for name in &raw.allow_key {
+        profile
+            .allow_key(name.get_ref())
+            .map_err(|m| invalid(Some(name.span()), one_line(&m)))?;
+    }
+    Ok(ProfileFile {
+        profile,
+        rate_limit: raw.rate_limit,
+    })
+}
+
+/// The 1-based line of byte offset `at` in `text` (clamped to the end of the text).
+fn line_at(text: &[u8], at: usize) -> usize {
+    let at = at.min(text.len());
+    1 + text[..at].iter().filter(|&&b| b == b'\n').count()
+}
+
+/// The message of a toml error on one line, with serde's "unknown field" reworded in the
+/// words of this file format and a wrong value prefixed with its key.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // serde: "unknown field `NAME`, expected one of `a`, `b`" (or "expected `a`").
+        if let Some((name, _)) = rest.rsplit_once("`, expected") {
+            return format!(
+                "unknown key `{}` (expected one of {})",
+                name.escape_debug(),
+                KEYS.join(", ")
+            );
+        }
+    }
+    match e.span().and_then(|span| key_of(text, span)) {
+        Some(key) => format!("`{key}`: {}", one_line(message)),
+        None => one_line(message),
+    }
+}
+
+/// The known top-level key whose value holds `span`, when `text` is well-formed TOML.
+/// toml's error message for a wrong value does not say which key it belongs to.
+fn key_of(text: &str, span: Range<usize>) -> Option<&'static str> {
+    let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> = toml::from_str(text).ok()?;
+    table.iter().find_map(|(key, value)| {
+        let (k, v) = (key.span(), value.span());
+        let inside = |r: &Range<usize>| r.start <= span.start && span.end <= r.end;
+        if inside(&v) || inside(&k) {
+            KEYS.iter().copied().find(|known| key.get_ref() == known)
+        } else {
+            None
+        }
+    })
+}
+
+/// `s` with every control character escaped, so a message is always a single line.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.trim_end().chars() {
+        if c.is_control() {
+            let _ = write!(out, "{}", c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::BucketScope;
+
+    const ORIGIN: &str = "/etc/x.toml";
+
+    fn ok(text: &str) -> ProfileFile {
+        parse(text, Path::new(ORIGIN)).expect("valid profile")
+    }
+
+    /// Parses `text`, which must fail, and returns the error's Display.
+    fn err(text: &str) -> String {
+        let e = parse(text, Path::new(ORIGIN)).expect_err("invalid profile");
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "one line: {s:?}");
+        assert!(s.starts_with("profile /etc/x.toml"), "{s}");
+        s
+    }
+
+    fn assert_err(text: &str, line: usize, needle: &str) {
+        let s = err(text);
+        let prefix = format!("profile /etc/x.toml, line {line}: ");
+        assert!(s.starts_with(&prefix), "want {prefix:?} in {s:?}");
+        assert!(s.contains(needle), "want {needle:?} in {s:?}");
+    }
+
+    #[test]
+    fn full_file() {
+        let f = ok(r#"
+            # every key
+            allow = ["anthropic", "gemini:default,work"]
+            allow_key = ["openai"]
+            allow_all = false
+            read_only = true
+            rate_limit = 10
+        "#);
+        let p = &f.profile;
+        assert_eq!(p.providers.get("anthropic"), Some(&BucketScope::All));
+        assert!(p.allows_bucket("gemini", "work") && !p.allows_bucket("gemini", "x"));
+        assert!(p.allows_key("anthropic") && p.allows_key("gemini") && p.allows_key("openai"));
+        assert!(!p.allows_key("mistral") && !p.allows_provider("openai"));
+        assert!(p.read_only && !p.allow_all);
+        assert_eq!(f.rate_limit, Some(10));
+
+        let f = ok("allow_all = true\nrate_limit = 0\n");
+        assert!(f.profile.allow_all && !f.profile.read_only);
+        assert_eq!(f.rate_limit, Some(0));
+        let f = ok(&format!("rate_limit = {}", u32::MAX));
+        assert_eq!(f.rate_limit, Some(u32::MAX));
+    }
+
+    #[test]
+    fn empty_allows_nothing() {
+        for text in [
+            "",
+            "\n",
+            "# only a comment\n",
+            "allow = []\nallow_key = []\n",
+        ] {
+            let f = ok(text);
+            assert!(f.profile.allows_nothing(), "{text:?}");
+            assert_eq!(f, ProfileFile::default());
+        }
+    }
+
+    #[test]
+    fn unknown_keys() {
+        let expected = "(expected one of allow, allow_key, allow_all, read_only, rate_limit)";
+        assert_err(
+            "allow = []\nalow = [\"x\"]\n",
+            2,
+            &format!("unknown key `alow` {expected}"),
+        );
+        assert_err(
+            "read_only = true\n\n[providers]\nanthropic = {}\n",
+            3,
+            "unknown key `providers`",
+        );
+        assert_err("allow.x = 1\n", 1, "`allow`: invalid type: map");
+        assert_err("\"a\\nb\" = 1\n", 1, "unknown key `a\\nb`");
+        assert_err("[[allow]]\n", 1, "`allow`: invalid type: map");
+    }
+
+    #[test]
+    fn wrong_types() {
+        assert_err(
+            "\nallow = \"x\"\n",
+            2,
+            "`allow`: invalid type: string \"x\", expected a sequence",
+        );
+        assert_err("allow_key = [1]\n", 1, "`allow_key`: invalid type: integer");
+        assert_err(
+            "allow = [\"a\",\n  2]\n",
+            2,
+            "`allow`: invalid type: integer",
+        );
+        assert_err(
+            "allow_all = \"yes\"\n",
+            1,
+            "`allow_all`: invalid type: string",
+        );
+        assert_err(
+            "#\n#\nread_only = 1\n",
+            3,
+            "`read_only`: invalid type: integer",
+        );
+        assert_err(
+            "rate_limit = -1\n",
+            1,
+            "`rate_limit`: invalid value: integer `-1`",
+        );
+        assert_err(
+            "rate_limit = \"60\"\n",
+            1,
+            "`rate_limit`: invalid type: string",
+        );
+        assert_err(
+            "rate_limit = 1.5\n",
+            1,
+            "`rate_limit`: invalid type: floating",
+        );
+        assert_err(
+            "\n\nrate_limit = 4294967296\n",
+            3,
+            "`rate_limit`: invalid value",
+        );
+        // Beyond i64 toml itself refuses the number.
+        assert_err("rate_limit = 99999999999999999999\n", 1, "");
+    }
+
+    #[test]
+    fn bad_names() {
+        assert_err(
+            "allow = [\n  \"anthropic\",\n  \"bad/name\",\n]\n",
+            3,
+            "--allow \"bad/name\": invalid provider",
+        );
+        assert_err("allow = [\"p:\"]\n", 1, "--allow \"p:\": invalid bucket");
+        assert_err(
+            "\nallow_key = [\"ok\", \"a@b\"]\n",
+            2,
+            "--allow-key \"a@b\": invalid key name",
+        );
+        assert_err("allow = [\"a\\nb\"]\n", 1, "--allow \"a\\nb\"");
+    }
+
+    #[test]
+    fn malformed_toml() {
+        assert_err("allow = [\"a\"\n\nread_only = true\n", 3, "");
+        assert_err("read_only = true\nread_only = false\n", 2, "duplicate");
+        assert_err("allow = [\"unterminated]\n", 1, "");
+        assert_err("= 1\n", 1, "");
+    }
+
+    #[test]
+    fn load_reads_and_bounds_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "allow = [\"anthropic\"]\n").expect("write");
+        let f = load(&path).expect("loads");
+        assert!(f.profile.allows_key("anthropic"));
+
+        let missing = dir.path().join("missing.toml");
+        let e = load(&missing).expect_err("missing");
+        assert!(matches!(e, ProfileError::Read { .. }));
+        let s = e.to_string();
+        assert!(
+            s.contains("missing.toml") && s.contains("No such file"),
+            "{s}"
+        );
+
+        let e = load(dir.path()).expect_err("a directory");
+        assert!(matches!(e, ProfileError::Read { .. }), "{e}");
+
+        let mut big = "#".repeat(MAX_PROFILE_SIZE as usize - 1);
+        big.push('\n');
+        std::fs::write(&path, &big).expect("write");
+        assert!(load(&path)
+            .expect("exactly the limit")
+            .profile
+            .allows_nothing());
+        big.push('#');
+        std::fs::write(&path, &big).expect("write");
+        let e = load(&path).expect_err("too large");
+        assert!(matches!(e, ProfileError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("p.toml"));
+
+        std::fs::write(&path, b"read_only = true\n# \xff\n").expect("write");
+        let e = load(&path).expect_err("not UTF-8");
+        assert!(
+            e.to_string().ends_with("p.toml, line 2: not valid UTF-8"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let f = ok(include_str!("../examples/profile.toml"));
+        assert!(!f.profile.allows_nothing() && !f.profile.allow_all);
+    }
+}
+#[cfg(test)]
+mod dbg_tmp {
+    #[test]
+    fn dbg_tmp() {
+        for t in ["allow.x = 1\n", "[[allow]]\n", "[allow]\n", "allow = {}\n"] {
+            let e = toml::from_str::<super::Raw>(t).err().unwrap();
+            let m: Result<std::collections::BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>, _> = toml::from_str(t);
+            eprintln!("{t:?}: {:?} {:?} | {:?}", e.message(), e.span(), m.map(|m| m.iter().map(|(k, v)| (k.span(), v.span())).collect::<Vec<_>>()));
+        }
+    }
+}
