@@ -27,6 +27,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -191,26 +192,35 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
 /// The known top-level key whose value holds `span`, when `text` is well-formed TOML.
 /// toml's error message for a wrong value does not say which key it belongs to.
 fn key_of(text: &str, span: Range<usize>) -> Option<&'static str> {
-    let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> = toml::from_str(text).ok()?;
-    table.iter().find_map(|(key, value)| {
-        let (k, v) = (key.span(), value.span());
-        let inside = |r: &Range<usize>| r.start <= span.start && span.end <= r.end;
-        if inside(&v) || inside(&k) {
-            KEYS.iter().copied().find(|known| key.get_ref() == known)
-        } else {
-            None
-        }
-    })
+    let known = |name: &str| KEYS.iter().copied().find(|k| *k == name);
+    match toml::from_str::<BTreeMap<String, Spanned<IgnoredAny>>>(text) {
+        Ok(table) => table.iter().find_map(|(key, value)| {
+            let v = value.span();
+            if v.start <= span.start && span.end <= v.end {
+                known(key)
+            } else {
+                None
+            }
+        }),
+        // toml cannot give the span of a dotted-key table (`allow.x = 1`), but there the
+        // error's span is the key itself.
+        Err(_) => text.get(span).and_then(known),
+    }
 }
 
-/// `s` with every control character escaped, so a message is always a single line.
+/// `s` on one line: its lines joined with "; " and any other control character escaped.
 fn one_line(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.trim_end().chars() {
-        if c.is_control() {
-            let _ = write!(out, "{}", c.escape_debug());
-        } else {
-            out.push(c);
+    for line in s.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        for c in line.chars() {
+            if c.is_control() {
+                let _ = write!(out, "{}", c.escape_debug());
+            } else {
+                out.push(c);
+            }
         }
     }
     out
@@ -344,7 +354,7 @@ mod tests {
             "`rate_limit`: invalid value",
         );
         // Beyond i64 toml itself refuses the number.
-        assert_err("rate_limit = 99999999999999999999\n", 1, "");
+        assert_err("rate_limit = 99999999999999999999\n", 1, "number too large");
     }
 
     #[test]
@@ -365,10 +375,20 @@ mod tests {
 
     #[test]
     fn malformed_toml() {
-        assert_err("allow = [\"a\"\n\nread_only = true\n", 3, "");
+        // toml notices the missing `]` where the next key starts.
+        assert_err(
+            "allow = [\"a\"\n\nread_only = true\n",
+            3,
+            "invalid array; expected `]`",
+        );
         assert_err("read_only = true\nread_only = false\n", 2, "duplicate");
-        assert_err("allow = [\"unterminated]\n", 1, "");
-        assert_err("= 1\n", 1, "");
+        assert_err("\nallow = [\"unterminated]\n", 2, "invalid basic string");
+        assert_err("= 1\n", 1, "invalid key");
+        assert_err(
+            "read_only = true\nallow = [\"a\"] x\n",
+            2,
+            "expected newline",
+        );
     }
 
     #[test]
@@ -415,17 +435,11 @@ mod tests {
     #[test]
     fn example_file_parses() {
         let f = ok(include_str!("../examples/profile.toml"));
-        assert!(!f.profile.allows_nothing() && !f.profile.allow_all);
-    }
-}
-#[cfg(test)]
-mod dbg_tmp {
-    #[test]
-    fn dbg_tmp() {
-        for t in ["allow.x = 1\n", "[[allow]]\n", "[allow]\n", "allow = {}\n"] {
-            let e = toml::from_str::<super::Raw>(t).err().unwrap();
-            let m: Result<std::collections::BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>, _> = toml::from_str(t);
-            eprintln!("{t:?}: {:?} {:?} | {:?}", e.message(), e.span(), m.map(|m| m.iter().map(|(k, v)| (k.span(), v.span())).collect::<Vec<_>>()));
-        }
+        let p = &f.profile;
+        assert!(!p.allow_all && !p.read_only);
+        assert!(p.allows_bucket("anthropic", "any") && p.allows_key("anthropic"));
+        assert!(p.allows_bucket("gemini", "work@example.com") && !p.allows_bucket("gemini", "x"));
+        assert!(p.allows_key("gemini") && p.allows_key("openai") && !p.allows_provider("openai"));
+        assert_eq!(f.rate_limit, Some(60));
     }
 }
