@@ -28,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod names;
+pub mod outbox;
 pub mod policy;
 pub mod profile;
 pub mod protocol;

@@ -197,11 +197,11 @@ pub fn negotiate(frame: &Map<String, Value>) -> Handshake {
     let field = |name: &str| payload.and_then(|p| p.get(name));
     let (min, max) = (field("minVersion"), field("maxVersion"));
     if let (Some(min), Some(max)) = (min, max) {
-        return match (min.as_i64(), max.as_i64()) {
+        return match (integer(min), integer(max)) {
             (Some(lo), Some(hi)) if lo <= hi => SUPPORTED_VERSIONS
                 .iter()
                 .rev()
-                .find(|v| (lo..=hi).contains(v))
+                .find(|v| (lo..=hi).contains(&i128::from(**v)))
                 .map_or(Handshake::NoVersion, |v| Handshake::Agreed(*v)),
             _ => Handshake::NoVersion,
         };
@@ -210,6 +210,14 @@ pub fn negotiate(frame: &Map<String, Value>) -> Handshake {
         Some(v) if SUPPORTED_VERSIONS.contains(&v) => Handshake::Agreed(v),
         _ => Handshake::NoVersion,
     }
+}
+
+/// A JSON integer of any size serde_json holds (i64 or u64); `None` for anything else.
+fn integer(value: &Value) -> Option<i128> {
+    value
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| value.as_u64().map(i128::from))
 }
 
 /// A request whose envelope is well formed (§5); the operation is not checked yet.
@@ -404,20 +412,36 @@ impl Request {
         }
     }
 
-    /// The provider and bucket named, for logging (names are not secret).
-    pub fn target(&self) -> (Option<&str>, Option<&str>) {
+    /// The provider, bucket and key named, for logging (names are not secret).
+    pub fn target(&self) -> Target<'_> {
+        let mut t = Target::default();
         match self {
             Request::GetToken { provider, bucket }
             | Request::SaveToken {
                 provider, bucket, ..
             }
             | Request::RemoveToken { provider, bucket }
-            | Request::GetBucketStats { provider, bucket } => (Some(provider), Some(bucket)),
-            Request::ListBuckets { provider } => (Some(provider), None),
-            Request::GetApiKey { name } | Request::HasApiKey { name } => (Some(name), None),
-            Request::ListProviders | Request::ListApiKeys => (None, None),
+            | Request::GetBucketStats { provider, bucket } => {
+                t.provider = Some(provider);
+                t.bucket = Some(bucket);
+            }
+            Request::ListBuckets { provider } => t.provider = Some(provider),
+            Request::GetApiKey { name } | Request::HasApiKey { name } => t.key = Some(name),
+            Request::ListProviders | Request::ListApiKeys => {}
         }
+        t
     }
+}
+
+/// What a request names, for the request log line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// The provider.
+    pub provider: Option<&'a str>,
+    /// The bucket.
+    pub bucket: Option<&'a str>,
+    /// The API key name.
+    pub key: Option<&'a str>,
 }
 
 /// The `data` of a success reply.
@@ -477,7 +501,13 @@ pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
         ok: true,
         data,
     };
-    serde_json::to_vec(&reply).unwrap_or_default()
+    // Sized for a typical token reply, so the buffer (which may hold a secret) is not
+    // reallocated, leaving unwiped copies behind, in the common case.
+    let mut out = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut out, &reply) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Serializes an error reply body. `id` is `None` only for the frame sent before a close;
@@ -580,7 +610,11 @@ mod tests {
     #[test]
     fn payload_rules() {
         let r = Request::parse(Op::GetToken, obj(json!({"provider":"p"}))).expect("ok");
-        assert_eq!(r.target(), (Some("p"), Some("default")));
+        let t = r.target();
+        assert_eq!(
+            (t.provider, t.bucket, t.key),
+            (Some("p"), Some("default"), None)
+        );
         assert!(Request::parse(Op::GetToken, obj(json!({"provider":"../x"}))).is_err());
         assert!(Request::parse(Op::GetToken, obj(json!({"provider":1}))).is_err());
         assert!(Request::parse(Op::GetApiKey, obj(json!({"name":"a@b"}))).is_err());

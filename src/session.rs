@@ -11,20 +11,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix::io::{FramedWrite, WriteHandler};
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
     SpawnHandle, StreamHandler, WrapFuture,
 };
 use bytes::Bytes;
 use serde_json::json;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio_util::codec::FramedRead;
 
 use crate::codec::{CodecError, FrameCodec, FrameEvent, MAX_FRAME_LEN};
 use crate::config::Limits;
+use crate::outbox::Outbox;
 use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
 use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
 use crate::rate_limit::RateLimiter;
@@ -72,7 +71,8 @@ pub struct Session {
     id: u64,
     peer: Peer,
     shared: Arc<Shared>,
-    writer: FramedWrite<Vec<u8>, OwnedWriteHalf, FrameCodec>,
+    /// Outgoing bytes; reading pauses while too much is unsent (see [`crate::outbox`]).
+    outbox: Outbox,
     reader: Option<SpawnHandle>,
     phase: Phase,
     handshake_timer: Option<SpawnHandle>,
@@ -104,16 +104,27 @@ impl Session {
     pub fn spawn(stream: UnixStream, id: u64, peer: Peer, shared: Arc<Shared>) -> Addr<Session> {
         Session::create(move |ctx| {
             let (read, write) = stream.into_split();
-            let reader = ctx.add_stream(FramedRead::with_capacity(
-                read,
-                FrameCodec::new(),
-                INITIAL_READ_BUFFER,
+            let outbox = Outbox::new();
+            let frames = FramedRead::with_capacity(read, FrameCodec::new(), INITIAL_READ_BUFFER);
+            let reader = ctx.add_stream(outbox.pause_reads(frames));
+            ctx.spawn(outbox.writer(
+                write,
+                |act: &mut Session, ctx: &mut Context<Session>, result| {
+                    if let Err(e) = result {
+                        tracing::debug!(session = act.id, error = %e, "write failed");
+                        if act.phase != Phase::Closing {
+                            act.close_reason = "io-error";
+                        }
+                    }
+                    // Flushed after a close, or the peer is gone: either way this session ends.
+                    ctx.stop();
+                },
             ));
             let limits = &shared.limits;
             Session {
                 id,
                 peer,
-                writer: FramedWrite::new(write, FrameCodec::new(), ctx),
+                outbox,
                 reader: Some(reader),
                 phase: Phase::Handshake,
                 handshake_timer: None,
@@ -128,8 +139,11 @@ impl Session {
         })
     }
 
-    fn send(&mut self, body: Vec<u8>) {
-        self.writer.write(body);
+    /// Frames and queues `body`, then wipes it (it may hold a secret). The caller checks
+    /// the size against [`MAX_FRAME_LEN`] first.
+    fn send(&mut self, mut body: Vec<u8>) {
+        self.outbox.push_frame(&body);
+        zeroize::Zeroize::zeroize(&mut body);
     }
 
     /// Sends a reply to request `id`, replacing one that would exceed the frame limit.
@@ -164,6 +178,18 @@ impl Session {
         self.send(body);
     }
 
+    /// Rejects a request before it reaches the policy or the store, with a debug line.
+    fn refuse(&mut self, id: &str, rejection: &Rejection, retry_after: Option<u64>) {
+        tracing::debug!(
+            session = self.id,
+            uid = self.peer.uid,
+            pid = self.peer.pid,
+            outcome = rejection.code.as_str(),
+            "request refused before dispatch"
+        );
+        self.reject(id, rejection, retry_after);
+    }
+
     /// Writes `last` (if any), then closes: nothing more is read, the writer flushes and
     /// the actor stops when it is done or after the linger time.
     fn close(&mut self, ctx: &mut Context<Self>, reason: &'static str, last: Option<Vec<u8>>) {
@@ -185,7 +211,7 @@ impl Session {
         {
             ctx.cancel_future(handle);
         }
-        self.writer.close();
+        self.outbox.close();
         ctx.run_later(self.shared.limits.close_linger, |_, ctx| ctx.stop());
     }
 
@@ -259,33 +285,34 @@ impl Session {
     ) {
         let envelope = match protocol::parse_envelope(frame) {
             Ok(envelope) => envelope,
-            Err((id, rejection)) => return self.reject(&id, &rejection, None),
+            Err((id, rejection)) => return self.refuse(&id, &rejection, None),
         };
         let id = envelope.id;
         if let Err(retry_after) = self.limiter.check(Instant::now()) {
             let r = Rejection::new(ErrorCode::RateLimited, "rate limit exceeded; retry later");
-            return self.reject(&id, &r, Some(retry_after));
+            return self.refuse(&id, &r, Some(retry_after));
         }
         if self.in_flight.len() >= self.shared.limits.max_in_flight {
             let r = Rejection::new(
                 ErrorCode::ResourceExhausted,
                 "too many requests in flight on this connection",
             );
-            return self.reject(&id, &r, None);
+            return self.refuse(&id, &r, None);
         }
         if self.in_flight.contains(&id) {
-            return self.reject(&id, &Rejection::invalid("duplicate request id"), None);
+            return self.refuse(&id, &Rejection::invalid("duplicate request id"), None);
         }
         let request = match protocol::parse_op(&envelope.op)
             .and_then(|op| Request::parse(op, envelope.payload))
         {
             Ok(request) => request,
-            Err(rejection) => return self.reject(&id, &rejection, None),
+            Err(rejection) => return self.refuse(&id, &rejection, None),
         };
         let op = request.op();
         let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-            let (a, b) = request.target();
-            (a.map(str::to_owned), b.map(str::to_owned))
+            let t = request.target();
+            let own = |s: Option<&str>| s.map(str::to_owned);
+            [own(t.provider), own(t.bucket), own(t.key)]
         });
         self.in_flight.insert(id.clone());
         let work = execute(Arc::clone(&self.shared), request);
@@ -298,16 +325,25 @@ impl Session {
         &mut self,
         id: &str,
         op: Op,
-        target: Option<(Option<String>, Option<String>)>,
+        target: Option<[Option<String>; 3]>,
         result: Result<ReplyData, Rejection>,
         ctx: &mut Context<Self>,
     ) {
         self.in_flight.remove(id);
         self.answered += 1;
-        if let Some((name, bucket)) = target {
+        if let Some([provider, bucket, key]) = target {
             let outcome = result.as_ref().map_or_else(|r| r.code.as_str(), |_| "ok");
-            tracing::debug!(session = self.id, uid = self.peer.uid, pid = self.peer.pid, op = %op,
-                name = name.as_deref(), bucket = bucket.as_deref(), outcome, "request");
+            tracing::debug!(
+                session = self.id,
+                uid = self.peer.uid,
+                pid = self.peer.pid,
+                op = %op,
+                provider = provider.as_deref(),
+                bucket = bucket.as_deref(),
+                key = key.as_deref(),
+                outcome,
+                "request"
+            );
         }
         if self.phase == Phase::Closing {
             return;
@@ -384,10 +420,12 @@ impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
                 self.on_frame(body, ctx);
             }
             Err(CodecError::Oversize(len)) => {
+                // The stream cannot be resynchronised: read nothing more, but answer what
+                // was already accepted, then close.
                 tracing::warn!(session = self.id, len, "frame over the size limit; closing");
-                self.close(ctx, "oversize-frame", None);
+                self.drain(ctx, "oversize-frame");
             }
-            Err(CodecError::Truncated) => self.close(ctx, "eof-mid-frame", None),
+            Err(CodecError::Truncated) => self.drain(ctx, "eof-mid-frame"),
             Err(CodecError::Io(e)) => {
                 tracing::debug!(session = self.id, error = %e, "read failed");
                 self.close(ctx, "io-error", None);
@@ -399,20 +437,6 @@ impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
         // End of stream (the read side was not cancelled by us): answer what is in flight.
         self.reader = None;
         self.drain(ctx, "eof");
-    }
-}
-
-impl WriteHandler<std::io::Error> for Session {
-    fn error(&mut self, err: std::io::Error, _: &mut Context<Self>) -> actix::Running {
-        tracing::debug!(session = self.id, error = %err, "write failed");
-        if self.phase != Phase::Closing {
-            self.close_reason = "io-error";
-        }
-        actix::Running::Stop
-    }
-
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        ctx.stop();
     }
 }
 
@@ -468,18 +492,23 @@ fn not_found(what: &str) -> Rejection {
 }
 
 async fn scope(shared: &Shared, subject: Subject) -> Result<(), Rejection> {
-    let described = match &subject {
+    // The subject is kept for the message; it is only formatted on a refusal.
+    let decision = shared.policy.send(policy::Check(subject.clone())).await;
+    let described = || match &subject {
         Subject::Read { provider, bucket } | Subject::Write { provider, bucket } => {
             format!("{provider}:{bucket}")
         }
         Subject::Provider(p) => format!("provider {p}"),
         Subject::Key(k) => format!("API key {k}"),
     };
-    match shared.policy.send(policy::Check(subject)).await {
+    match decision {
         Ok(Decision::Allow) => Ok(()),
         Ok(Decision::Unauthorized) => Err(Rejection::new(
             ErrorCode::Unauthorized,
-            format!("UNAUTHORIZED: {described} is outside the loaded profile"),
+            format!(
+                "UNAUTHORIZED: {} is outside the loaded profile",
+                described()
+            ),
         )),
         Ok(Decision::Forbidden) => Err(Rejection::new(
             ErrorCode::Forbidden,

@@ -186,12 +186,19 @@ impl CredentialStore {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let counter = self
-            .stats
-            .entry(provider.to_owned())
-            .or_default()
-            .entry(bucket.to_owned())
-            .or_default();
+        // Look up before inserting: the hot path must not allocate the key every time.
+        if !self.stats.contains_key(provider) {
+            self.stats.insert(provider.to_owned(), HashMap::new());
+        }
+        let Some(buckets) = self.stats.get_mut(provider) else {
+            return;
+        };
+        if !buckets.contains_key(bucket) {
+            buckets.insert(bucket.to_owned(), Counter::default());
+        }
+        let Some(counter) = buckets.get_mut(bucket) else {
+            return;
+        };
         counter.count += 1;
         counter.last_used_ms = now_ms;
     }
@@ -267,7 +274,7 @@ impl Handler<GetToken> for CredentialStore {
     fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
         let (p, b) = (msg.provider.clone(), msg.bucket.clone());
         let read = self.run("get_token", None, move |s| {
-            Ok(s.get_token(&p, &b)?.map(|t| t.sanitized()))
+            Ok(s.get_token(&p, &b)?.map(Token::into_sanitized))
         });
         Box::pin(read.map(move |result, act, _| {
             if let Ok(Some(_)) = &result {

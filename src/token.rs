@@ -131,11 +131,15 @@ impl Token {
 
     /// The copy that may cross the socket: every field but `refresh_token`.
     pub fn sanitized(&self) -> Token {
-        let mut copy = self.clone();
-        if let Some(mut rt) = copy.fields.remove(REFRESH_TOKEN) {
+        self.clone().into_sanitized()
+    }
+
+    /// This token without its `refresh_token` (wiped), without copying the other fields.
+    pub fn into_sanitized(mut self) -> Token {
+        if let Some(mut rt) = self.fields.remove(REFRESH_TOKEN) {
             wipe_json(&mut rt);
         }
-        copy
+        self
     }
 
     /// Merges an incoming token into this stored one (PROTOCOL.md §6): every field present

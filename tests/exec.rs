@@ -139,7 +139,10 @@ impl Run {
         assert_eq!(lines.len(), 1, "expected one stderr line: {self:?}");
         assert!(lines[0].starts_with("credproxy: "), "{self:?}");
         for needle in needles {
-            assert!(lines[0].contains(needle), "stderr lacks {needle:?}: {self:?}");
+            assert!(
+                lines[0].contains(needle),
+                "stderr lacks {needle:?}: {self:?}"
+            );
         }
     }
 }
@@ -163,16 +166,28 @@ fn assert_no_leak(what: &str, run_stdout: &str, run_stderr: &str) {
 
 /// Runs `program args` to its end with a deadline (stdin empty).
 fn run_program(program: &str, args: &[String], envs: &[(&str, &str)]) -> Run {
+    run_program_stdin(program, args, envs, b"")
+}
+
+/// Runs `program args` to its end with a deadline, `stdin` fed in.
+fn run_program_stdin(program: &str, args: &[String], envs: &[(&str, &str)], stdin: &[u8]) -> Run {
     let mut child = command(program, args, envs)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
     let stdout = drain(child.stdout.take().expect("stdout"));
     let stderr = drain(child.stderr.take().expect("stderr"));
     let mut guard = ChildGuard(Some(child));
+    let bytes = stdin.to_vec();
+    // The child may exit without reading everything: a broken pipe is fine.
+    let writer = thread::spawn(move || {
+        let _ = input.write_all(&bytes);
+    });
     let status = guard.wait_exit(&format!("{program} {args:?}"));
+    let _ = writer.join();
     let run = Run {
         status,
         stdout: stdout.join().expect("stdout thread"),
@@ -467,7 +482,10 @@ fn cmd_runs_only_once_the_proxy_listens_with_the_socket_in_its_environment() {
     let f = Fixture::new();
     // CMD connects at once, with no retry of its own: it must find a listening socket.
     for round in 0..5 {
-        let run = f.exec(&["--allow", "anthropic"], &[BIN, "token", "get", "anthropic"]);
+        let run = f.exec(
+            &["--allow", "anthropic"],
+            &[BIN, "token", "get", "anthropic"],
+        );
         run.assert_code(0);
         let got: Value = serde_json::from_str(&run.stdout)
             .unwrap_or_else(|e| panic!("round {round}: not JSON ({e}): {run:?}"));
@@ -501,7 +519,12 @@ exec "$1" token get anthropic"#)),
 #[test]
 fn exec_exits_with_the_exit_status_of_cmd() {
     let f = Fixture::new();
-    for (script, want) in [("exit 0", 0), ("exit 7", 7), ("exit 255", 255), ("false", 1)] {
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 7", 7),
+        ("exit 255", 255),
+        ("false", 1),
+    ] {
         let run = f.exec(&["--allow", "anthropic"], &["/bin/sh", "-c", script]);
         assert_eq!(run.code(), Some(want), "{script}: {run:?}");
     }
@@ -545,6 +568,97 @@ fn the_socket_file_is_gone_after_exec_exits() {
     }
 }
 
+#[test]
+fn cmd_inherits_the_stdin_and_the_environment_of_exec() {
+    let f = Fixture::new();
+    // CMD reads exec's stdin and sees exec's environment besides the socket variable.
+    let script = "read line; echo \"got:$line:$CREDPROXY_TEST_VAR\"";
+    let args = f.exec_args(&["--allow", "anthropic"], &["/bin/sh", "-c", script]);
+    let run = run_program_stdin(BIN, &args, &[("CREDPROXY_TEST_VAR", "v1")], b"hello\n");
+    run.assert_code(0);
+    assert_eq!(run.stdout, "got:hello:v1\n", "{run:?}");
+
+    // A sandbox saving a token through exec's stdin.
+    let saved = token_json("at-saved-through-stdin", "rt-from-the-sandbox");
+    let args = f.exec_args(
+        &["--allow", "anthropic"],
+        &[BIN, "token", "save", "anthropic"],
+    );
+    let run = run_program_stdin(BIN, &args, &[], saved.as_bytes());
+    run.assert_code(0);
+    let stored: Value = serde_json::from_slice(
+        &fs::read(f.store.join("tokens/anthropic/default.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(stored["access_token"], "at-saved-through-stdin");
+    assert_eq!(
+        stored["refresh_token"], CANARY_RT,
+        "the host's refresh token stays"
+    );
+}
+
+#[test]
+fn exec_takes_the_other_serve_options() {
+    let f = Fixture::new();
+    let script = probes(&["token list", "key list", "token get openai"]);
+    let run = f.exec(
+        &["--allow-all", "--rate-limit", "0", "--log-format", "text"],
+        &refs(&sh(&script)),
+    );
+    run.assert_code(0);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines[..6],
+        ["anthropic", "openai", "rc=0", "anthropic", "openai", "rc=0"],
+        "{run:?}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(lines[6]).expect("json"),
+        sanitized("at-openai-default")
+    );
+    assert_eq!(lines[7..], ["rc=0"], "{run:?}");
+}
+
+#[test]
+fn without_socket_dir_exec_uses_the_per_user_directory_in_tmpdir() {
+    let f = Fixture::new();
+    let tmpdir = f.tmp.path().join("tmpdir");
+    fs::create_dir(&tmpdir).expect("mkdir");
+    let args = vec![
+        String::from("exec"),
+        "--store".into(),
+        Fixture::path_str(&f.store),
+        "--allow".into(),
+        "anthropic".into(),
+        "--".into(),
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"$LLXPRT_CREDENTIAL_SOCKET\"; exec \"$1\" token get anthropic".into(),
+        "sh".into(),
+        BIN.into(),
+    ];
+    let tmp_str = Fixture::path_str(&tmpdir);
+    let run = run_program(BIN, &args, &[("TMPDIR", &tmp_str)]);
+    run.assert_code(0);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    let dir = fs::canonicalize(&tmpdir)
+        .expect("canonical")
+        .join(format!("llxprt-cred-{}", nix::unistd::geteuid().as_raw()));
+    let socket = PathBuf::from(lines[0]);
+    assert_eq!(socket.parent(), Some(dir.as_path()), "{run:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(lines[1]).expect("json"),
+        sanitized(CANARY_AT)
+    );
+    let mode = fs::metadata(&dir)
+        .expect("the directory stays")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "per-user directory mode");
+    assert!(fs::symlink_metadata(&socket).is_err(), "socket left behind");
+}
+
 // ---------------------------------------------------------------------------------------
 // Signals
 // ---------------------------------------------------------------------------------------
@@ -552,9 +666,8 @@ fn the_socket_file_is_gone_after_exec_exits() {
 /// CMD traps `name`, says ready, and loops; `signal` sent to credproxy must reach it.
 fn assert_forwarded(signal: Signal, name: &str) {
     let f = Fixture::new();
-    let script = format!(
-        "trap 'echo got-{name}; exit 9' {name}\necho ready\nwhile :; do sleep 0.05; done"
-    );
+    let script =
+        format!("trap 'echo got-{name}; exit 9' {name}\necho ready\nwhile :; do sleep 0.05; done");
     let mut live = f.live(&["--allow", "anthropic"], &["/bin/sh", "-c", &script]);
     live.wait_line("ready");
     live.signal(signal);
@@ -699,7 +812,10 @@ fn a_proxy_that_cannot_start_never_runs_cmd() {
     assert!(!f.marker().exists(), "CMD ran: {run:?}");
 
     // A bad profile file.
-    let bad = f.profile("bad.toml", "allow = [\"anthropic\"]\nallow_everything = true\n");
+    let bad = f.profile(
+        "bad.toml",
+        "allow = [\"anthropic\"]\nallow_everything = true\n",
+    );
     let run = f.exec(&["--profile", &bad], &cmd);
     run.assert_start_failed(Some(2), &[&bad, "line 2", "allow_everything"]);
     assert!(!f.marker().exists(), "CMD ran: {run:?}");
@@ -778,7 +894,10 @@ fn probes(commands: &[&str]) -> String {
 #[test]
 fn a_profile_allows_what_it_lists_and_nothing_else() {
     let f = Fixture::new();
-    let profile = f.profile("p.toml", "# the sandbox's grants\nallow = [\"anthropic\"]\n");
+    let profile = f.profile(
+        "p.toml",
+        "# the sandbox's grants\nallow = [\"anthropic\"]\n",
+    );
     let script = probes(&["token get anthropic", "token get openai", "key get openai"]);
     let run = f.exec(&["--profile", &profile], &refs(&sh(&script)));
     run.assert_code(0);
@@ -849,7 +968,12 @@ fn a_malformed_profile_names_the_file_and_the_line() {
             3,
             "bad/name",
         ),
-        ("syntax.toml", "read_only = true\nallow = [\"a\" \"b\"]\n", 2, ""),
+        (
+            "syntax.toml",
+            "read_only = true\nallow = [\"a\" \"b\"]\n",
+            2,
+            "",
+        ),
         ("type.toml", "\nrate_limit = \"fast\"\n", 2, "rate_limit"),
     ] {
         let path = f.profile(name, text);
@@ -1000,7 +1124,10 @@ fn text_logs_at_debug_show_connections_with_peer_uid_and_pid() {
     assert!(request.contains("anthropic"), "{request}");
     assert!(request.contains(&format!("pid={pid}")), "{request}");
     // Without RUST_LOG the level is info: no per-connection lines.
-    let run = f.exec(&["--allow", "anthropic"], &[BIN, "token", "get", "anthropic"]);
+    let run = f.exec(
+        &["--allow", "anthropic"],
+        &[BIN, "token", "get", "anthropic"],
+    );
     run.assert_code(0);
     assert!(!run.stderr.contains("connection opened"), "{run:?}");
 }

@@ -777,6 +777,8 @@ fn readers_never_see_a_torn_or_empty_file_while_a_writer_replaces_it() {
     let stop = AtomicBool::new(false);
 
     let (file_reads, socket_reads, writes) = std::thread::scope(|s| {
+        // Stops the other threads however this one ends (a failed assertion included).
+        let _stop = StopOnDrop(&stop);
         let writer = s.spawn(|| {
             let backend = store.backend();
             let (ta, tb) = (tok(a.clone()), tok(b.clone()));
@@ -824,6 +826,15 @@ fn readers_never_see_a_torn_or_empty_file_while_a_writer_replaces_it() {
     );
     assert!(writes >= 2, "the writer made only {writes} writes");
     assert!(temp_files(&store.dir).is_empty());
+}
+
+/// Sets its flag when dropped, so helper threads end even when an assertion fails.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 // ---- store timeout ----

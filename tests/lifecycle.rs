@@ -341,14 +341,9 @@ fn peer_probe_child() {
     println!("PEER-PROBE-READ={n}");
 }
 
-#[test]
-fn foreign_uid_is_dropped_at_accept() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run a child as uid 65534");
-        return;
-    }
-    let s = TestServer::start();
-    // Relax the modes so that only the peer check stands.
+/// Runs the probe child as uid 65534 against `s` (modes relaxed so that only the peer
+/// check stands); `None` (skip, with the reason printed) when it cannot run.
+fn probe_as_nobody(s: &TestServer) -> Option<String> {
     fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
     fs::set_permissions(&s.path, fs::Permissions::from_mode(0o777)).expect("chmod socket");
     let exe = std::env::current_exe().expect("test binary");
@@ -367,17 +362,59 @@ fn foreign_uid_is_dropped_at_accept() {
         Ok(out) => out,
         Err(e) => {
             eprintln!("skipped: cannot run the test binary as uid 65534: {e}");
-            return;
+            return None;
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !stdout.contains("PEER-PROBE-READ=") {
         eprintln!(
             "skipped: the uid 65534 child could not run the probe: {stdout} {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        return None;
+    }
+    Some(stdout)
+}
+
+#[test]
+fn configured_extra_uid_is_accepted() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a child as uid 65534");
         return;
     }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend = seeded();
+    let mut config = Config::new(backend.clone());
+    config.socket_dir = Some(dir.path().to_owned());
+    config.profile = allow_all();
+    config.limits = short_limits();
+    config.extra_uids = vec![65534];
+    let handle = Supervisor::start(config).expect("start");
+    let s = TestServer {
+        path: handle.socket_path().to_owned(),
+        handle: Some(handle),
+        dir,
+        backend,
+    };
+    let Some(stdout) = probe_as_nobody(&s) else {
+        return;
+    };
+    assert!(
+        !stdout.contains("PEER-PROBE-READ=0"),
+        "an allowed uid was dropped: {stdout}"
+    );
+}
+
+#[test]
+fn foreign_uid_is_dropped_at_accept() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a child as uid 65534");
+        return;
+    }
+    let s = TestServer::start();
+    let Some(stdout) = probe_as_nobody(&s) else {
+        return;
+    };
     assert!(
         stdout.contains("PEER-PROBE-READ=0"),
         "a foreign uid got a reply: {stdout}"

@@ -88,11 +88,22 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One line instead of clap's usage block: what was wrong, and where to look.
+            // One line instead of clap's usage block: what was wrong (everything before
+            // the usage text, joined), and where to look.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid usage");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("credproxy: {first}; see 'credproxy --help'");
+            let what: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("tip:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            let what = what.join(" ");
+            let what = what.strip_prefix("error: ").unwrap_or(&what);
+            eprintln!("credproxy: {what}; see 'credproxy --help'");
             return ExitCode::from(EXIT_USAGE);
         }
     };

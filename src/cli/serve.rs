@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// [default: {tmp}/llxprt-cred-{uid}]
     #[arg(long, value_name = "DIR")]
     pub socket_dir: Option<PathBuf>,
+    /// Also accept connections from this uid (besides yours and root), e.g. a container's
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
     /// Log format on stderr (level from RUST_LOG, default info)
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -67,8 +70,10 @@ pub struct ServeArgs {
 pub fn init_logging(format: LogFormat) -> Result<(), Failure> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: escape codes in a log file break grep.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
@@ -115,6 +120,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     let mut config = Config::new(Arc::new(backend));
     config.profile = profile;
     config.socket_dir = args.socket_dir.clone();
+    config.extra_uids = args.allow_uid.clone();
     if let Some(rate) = args.rate_limit.or(file_rate) {
         config.limits.rate_limit = rate;
     }

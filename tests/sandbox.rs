@@ -1,0 +1,421 @@
+//! End to end through a real sandbox: `credproxy exec` around bubblewrap (`bwrap`), with a
+//! fresh mount namespace in which only the socket's directory (plus the binary and the
+//! read-only system directories it needs) is visible. The sandbox gets its token; so does
+//! one in its own user namespace; a sandbox running as another real uid is refused by the
+//! proxy's peer check even when the file modes let it connect.
+//!
+//! When bwrap is missing or cannot create namespaces here, each test prints why and
+//! returns early.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
+
+/// How long any child gets to exit.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const CANARY_AT: &str = "CANARY-AT-b7d2";
+const CANARY_RT: &str = "CANARY-RT-3a95";
+const CANARY_KEY: &str = "CANARY-KEY-e04c";
+
+/// The uid and gid of the foreign sandbox (nobody).
+const FOREIGN: &str = "65534";
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// A child in its own process group, killed (with the group: credproxy, bwrap and the
+/// sandbox) and reaped when dropped before it exited.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Waits (polling every 20 ms for up to `DEADLINE`) for the exit; kills the group and
+    /// fails the test when it does not come.
+    fn wait_exit(&mut self, what: &str) -> ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            let child = self.0.as_mut().expect("child still owned");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.0 = None;
+                return status;
+            }
+            if t0.elapsed() > DEADLINE {
+                self.kill();
+                panic!("{what} did not exit within {DEADLINE:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // Not reaped yet: the pid (= the group id) is still ours.
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `program args` to its end with a deadline; `Err` when it cannot be spawned.
+fn try_run(program: &str, args: &[String]) -> std::io::Result<Run> {
+    let mut child = Command::new(program)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let mut guard = ChildGuard(Some(child));
+    let status = guard.wait_exit(&format!("{program} {args:?}"));
+    Ok(Run {
+        status,
+        stdout: stdout.join().expect("stdout thread"),
+        stderr: stderr.join().expect("stderr thread"),
+    })
+}
+
+/// Runs `program args`, which must succeed, or says why it did not.
+fn probe(program: &str, args: &[String]) -> Result<(), String> {
+    match try_run(program, args) {
+        Err(e) => Err(format!("cannot run {program}: {e}")),
+        Ok(run) if run.status.success() => Ok(()),
+        Ok(run) => Err(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            run.status,
+            run.stderr.trim_end()
+        )),
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_owned()
+}
+
+/// The sandbox: a fresh mount namespace (and every other namespace bwrap can unshare)
+/// with /usr read-only, the binary at /credproxy, and `sock_dir` bound at its own path.
+fn bwrap_args(sock_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let sock = path_str(sock_dir);
+    let mut args = strings(&[
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--ro-bind",
+        BIN,
+        "/credproxy",
+        "--bind",
+        &sock,
+        &sock,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--unshare-all",
+        "--die-with-parent",
+    ]);
+    args.extend(strings(extra));
+    args
+}
+
+/// `Ok` when bwrap can build the sandbox and run the binary in it; otherwise why not.
+fn sandbox_available() -> Result<(), String> {
+    probe("bwrap", &strings(&["--ro-bind", "/", "/", "true"]))
+        .map_err(|e| format!("bwrap cannot create a sandbox here: {e}"))?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = bwrap_args(dir.path(), &[]);
+    args.extend(strings(&["--", "/credproxy", "--version"]));
+    probe("bwrap", &args).map_err(|e| format!("the sandbox cannot run credproxy: {e}"))
+}
+
+/// Prints why a test is skipped and returns true when it must be.
+fn skip(reason: Result<(), String>, test: &str) -> bool {
+    match reason {
+        Ok(()) => false,
+        Err(why) => {
+            println!("skipped {test}: {why}");
+            true
+        }
+    }
+}
+
+/// A private temporary directory with a seeded store and a 0700 socket directory.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    store: PathBuf,
+    sock: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = tmp.path().join("store");
+        let sock = tmp.path().join("sock");
+        fs::create_dir(&sock).expect("mkdir sock");
+        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
+        let f = Fixture { tmp, store, sock };
+        f.seed();
+        f
+    }
+
+    /// anthropic:default with canaries, and the API key anthropic.
+    fn seed(&self) {
+        let token = json!({"access_token": CANARY_AT, "refresh_token": CANARY_RT,
+            "expiry": 1_900_000_000, "token_type": "Bearer"})
+        .to_string();
+        let key_file = self.tmp.path().join("key-input");
+        let token_file = self.tmp.path().join("token-input");
+        fs::write(&key_file, format!("{CANARY_KEY}\n")).expect("write");
+        fs::write(&token_file, token).expect("write");
+        let store = path_str(&self.store);
+        for (args, input) in [
+            (vec!["token", "set", "anthropic"], &token_file),
+            (vec!["key", "set", "anthropic"], &key_file),
+        ] {
+            let script = format!(
+                "exec \"$0\" store {} --store '{store}' < '{}'",
+                args.join(" "),
+                input.display()
+            );
+            let run = try_run("/bin/sh", &strings(&["-c", &script, BIN])).expect("spawn sh");
+            assert!(run.status.success(), "seeding {args:?}: {run:?}");
+        }
+        fs::remove_file(key_file).expect("rm");
+        fs::remove_file(token_file).expect("rm");
+    }
+
+    /// `credproxy exec --store S --socket-dir D --allow anthropic -- CMD...`
+    fn exec(&self, cmd: &[String]) -> Run {
+        let mut args = strings(&[
+            "exec",
+            "--store",
+            &path_str(&self.store),
+            "--socket-dir",
+            &path_str(&self.sock),
+            "--allow",
+            "anthropic",
+            "--",
+        ]);
+        args.extend_from_slice(cmd);
+        let run = try_run(BIN, &args).expect("spawn credproxy exec");
+        assert!(
+            !run.stdout.contains(CANARY_RT) && !run.stderr.contains(CANARY_RT),
+            "the refresh token leaked: {run:?}"
+        );
+        for canary in [CANARY_AT, CANARY_KEY] {
+            assert!(!run.stderr.contains(canary), "logged {canary}: {run:?}");
+        }
+        assert_eq!(self.sockets(), Vec::<PathBuf>::new(), "socket left behind");
+        run
+    }
+
+    fn sockets(&self) -> Vec<PathBuf> {
+        fs::read_dir(&self.sock)
+            .expect("read socket dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+            .collect()
+    }
+}
+
+fn sanitized() -> Value {
+    json!({"access_token": CANARY_AT, "expiry": 1_900_000_000, "token_type": "Bearer"})
+}
+
+/// The script run inside the sandbox: reports any host path it can see (given as
+/// arguments), then fetches the token and the key.
+const INSIDE: &str = r#"for p in "$@"; do test -e "$p" && echo "visible: $p"; done
+/credproxy token get anthropic; echo "rc=$?"
+/credproxy key get anthropic; echo "rc=$?""#;
+
+/// Asserts the output of `INSIDE` after `prefix` lines: nothing of the host visible, the
+/// sanitized token and the key obtained.
+#[track_caller]
+fn assert_inside_got_credentials(run: &Run, prefix: &[&str]) {
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let n = prefix.len();
+    assert_eq!(lines.len(), n + 4, "{run:?}");
+    assert_eq!(lines[..n], *prefix, "{run:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(lines[n]).unwrap_or_else(|e| panic!("{e}: {run:?}")),
+        sanitized(),
+        "{run:?}"
+    );
+    assert_eq!(lines[n + 1..], ["rc=0", CANARY_KEY, "rc=0"], "{run:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_sandbox_seeing_only_the_socket_directory_gets_the_token() {
+    if skip(sandbox_available(), "fresh mount namespace") {
+        return;
+    }
+    let f = Fixture::new();
+    let mut cmd = strings(&["bwrap"]);
+    cmd.extend(bwrap_args(&f.sock, &[]));
+    cmd.extend(strings(&["--", "/bin/sh", "-c", INSIDE, "sh"]));
+    // Host paths the sandbox must not see: the store, the tempdir's other files, the
+    // binary's real path, this checkout.
+    cmd.extend([
+        path_str(&f.store),
+        path_str(&f.store.join("tokens")),
+        BIN.to_owned(),
+        env!("CARGO_MANIFEST_DIR").to_owned(),
+    ]);
+    let run = f.exec(&cmd);
+    assert_inside_got_credentials(&run, &[]);
+}
+
+#[test]
+fn a_sandbox_in_its_own_user_namespace_gets_the_token() {
+    if skip(sandbox_available(), "--unshare-user") {
+        return;
+    }
+    let userns = strings(&[
+        "--ro-bind",
+        "/",
+        "/",
+        "--unshare-user",
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "true",
+    ]);
+    if skip(
+        probe("bwrap", &userns).map_err(|e| format!("no user namespace: {e}")),
+        "--unshare-user",
+    ) {
+        return;
+    }
+    let f = Fixture::new();
+    let mut cmd = strings(&["bwrap"]);
+    cmd.extend(bwrap_args(
+        &f.sock,
+        &["--unshare-user", "--uid", "1000", "--gid", "1000"],
+    ));
+    let script = format!("echo \"uid=$(id -u)\"\n{INSIDE}");
+    cmd.extend(strings(&["--", "/bin/sh", "-c", &script, "sh"]));
+    cmd.push(path_str(&f.store));
+    let run = f.exec(&cmd);
+    // Inside it is uid 1000; the proxy sees the real uid behind it, which is its own.
+    assert_inside_got_credentials(&run, &["uid=1000"]);
+}
+
+#[test]
+fn a_sandbox_running_as_another_uid_is_refused_by_the_peer_check() {
+    if skip(sandbox_available(), "foreign uid") {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped foreign uid: not root, cannot switch to uid {FOREIGN}");
+        return;
+    }
+    let setpriv = |rest: &[String]| {
+        let mut args = strings(&[
+            &format!("--reuid={FOREIGN}"),
+            &format!("--regid={FOREIGN}"),
+            "--clear-groups",
+        ]);
+        args.extend_from_slice(rest);
+        args
+    };
+    let check = setpriv(&strings(&["bwrap", "--ro-bind", "/", "/", "true"]));
+    if skip(
+        probe("setpriv", &check).map_err(|e| format!("no sandbox as uid {FOREIGN}: {e}")),
+        "foreign uid",
+    ) {
+        return;
+    }
+
+    let f = Fixture::new();
+    // Let uid 65534 reach the socket directory's path (the store itself stays 0700).
+    fs::set_permissions(f.tmp.path(), fs::Permissions::from_mode(0o711)).expect("chmod tmp");
+    // CMD relaxes the socket's modes once it exists, so that only the peer check stands;
+    // runs the sandbox as root (the control), then as uid 65534.
+    let script = format!(
+        r#"sockdir=$1; shift
+chmod 755 "$sockdir" && chmod 666 "$LLXPRT_CREDENTIAL_SOCKET" || exit 20
+bwrap "$@" -- /credproxy token get anthropic >/dev/null; echo "root-rc=$?"
+setpriv --reuid={FOREIGN} --regid={FOREIGN} --clear-groups bwrap "$@" -- /bin/sh -c '
+    echo "uid=$(id -u)"; ls -l "$LLXPRT_CREDENTIAL_SOCKET" | cut -c1-10
+    /credproxy token get anthropic; echo "foreign-rc=$?"'
+"#
+    );
+    let mut cmd = strings(&["/bin/sh", "-c", &script, "sh", &path_str(&f.sock)]);
+    cmd.extend(bwrap_args(&f.sock, &[]));
+    let run = f.exec(&cmd);
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout,
+        format!("root-rc=0\nuid={FOREIGN}\nsrw-rw-rw-\nforeign-rc=4\n"),
+        "{run:?}"
+    );
+    // The connection got through the file modes and was dropped by the proxy itself.
+    assert!(
+        run.stderr.contains("connection from a foreign uid refused")
+            && run.stderr.contains(FOREIGN),
+        "the proxy did not log the refusal: {run:?}"
+    );
+    let probe_line = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("credproxy: "))
+        .unwrap_or_else(|| panic!("the refused command said nothing: {run:?}"));
+    assert!(probe_line.contains("UNREACHABLE"), "{probe_line}");
+}
