@@ -190,6 +190,15 @@ fn no_canary_in_logs_debug_or_replies() {
 
 #[test]
 fn serve_binary_at_trace_logs_no_canary() {
+    serve_binary_logs_no_canary("text");
+}
+
+#[test]
+fn serve_binary_at_trace_in_json_logs_no_canary() {
+    serve_binary_logs_no_canary("json");
+}
+
+fn serve_binary_logs_no_canary(format: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let backend = FileBackend::open(&store).expect("store");
@@ -207,7 +216,14 @@ fn serve_binary_at_trace_logs_no_canary() {
     let sockets = tempfile::tempdir().expect("tempdir");
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args(["serve", "--allow", "anthropic", "--store"])
+        .args([
+            "serve",
+            "--log-format",
+            format,
+            "--allow",
+            "anthropic",
+            "--store",
+        ])
         .arg(&store)
         .arg("--socket-dir")
         .arg(sockets.path())
@@ -216,6 +232,7 @@ fn serve_binary_at_trace_logs_no_canary() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
+    let _guard = KillOnDrop(child.id() as i32);
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("socket line");
@@ -256,4 +273,18 @@ fn serve_binary_at_trace_logs_no_canary() {
         .expect("get")
         .expect("stored");
     assert_eq!(stored.fields()["refresh_token"], RT);
+}
+
+/// Kills the server if the test fails before it has stopped it.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
