@@ -21,7 +21,8 @@
 //! directory (`.<name>.json.<8 hex>.tmp`, created exclusively with mode 0600), which is
 //! flushed with `fsync`, renamed over the target, and the directory is then flushed too.
 //! A crash at any instant leaves either the old or the new file, never a torn or empty one
-//! (at worst a stray `.tmp` file, which every read and list ignores).
+//! (at worst a stray `.tmp` file, which every read and list ignores, and which the next
+//! [`FileBackend::open`] overwrites with zeros and removes: it may hold a refresh token).
 //!
 //! # Locking
 //!
@@ -93,7 +94,62 @@ impl FileBackend {
             warned_mode: AtomicBool::new(false),
         };
         backend.check_mode(&meta, &backend.dir);
+        backend.sweep_temp_files()?;
         Ok(backend)
+    }
+
+    /// Removes the temporary files a crashed writer left behind (they may hold secrets).
+    /// Runs under the store lock: every writer holds it while its temporary file exists,
+    /// so no write in progress in another process can lose its file.
+    fn sweep_temp_files(&self) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        let mut dirs = vec![self.dir.join(KEYS)];
+        if let Ok(entries) = fs::read_dir(self.dir.join(TOKENS)) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let is_ours = name.starts_with('.') && name.ends_with(".tmp");
+                if !is_ours || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                let path = entry.path();
+                if let Some(len) = entry
+                    .metadata()
+                    .ok()
+                    .map(|m| m.len())
+                    .filter(|l| *l <= MAX_FILE_LEN)
+                {
+                    if let Ok(mut f) = OpenOptions::new()
+                        .write(true)
+                        .custom_flags(OFlag::O_NOFOLLOW.bits())
+                        .open(&path)
+                    {
+                        let _ = f.write_all(&vec![0u8; len as usize]);
+                        let _ = f.sync_all();
+                    }
+                }
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed a temporary file left by an interrupted write")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover temporary file")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The default store directory: `$XDG_DATA_HOME/credproxy` when `XDG_DATA_HOME` is set
@@ -792,5 +848,26 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
         });
         assert!(b.get_token("p", "b").unwrap().is_some());
+    }
+
+    #[test]
+    fn open_sweeps_temp_files_left_by_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileBackend::open(dir.path()).expect("open");
+        store
+            .save_token("p", "default", &basic("a"), SaveMode::Replace)
+            .expect("save");
+        let stray = dir.path().join("tokens/p/.default.json.deadbeef.tmp");
+        fs::write(&stray, b"{\"refresh_token\":\"left-behind\"}").expect("write");
+        let key_stray = dir.path().join("keys/.k.json.00000001.tmp");
+        fs::create_dir_all(key_stray.parent().expect("parent")).expect("mkdir");
+        fs::write(&key_stray, b"secret").expect("write");
+        let kept = dir.path().join("tokens/p/notes.tmp");
+        fs::write(&kept, b"not ours").expect("write");
+        drop(store);
+        let store = FileBackend::open(dir.path()).expect("reopen");
+        assert!(!stray.exists() && !key_stray.exists(), "temp files swept");
+        assert!(kept.exists(), "files that are not our temp files stay");
+        assert!(store.get_token("p", "default").expect("get").is_some());
     }
 }
