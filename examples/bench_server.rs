@@ -17,7 +17,9 @@ use credproxy::{Config, Supervisor};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let backend: Arc<dyn Backend> = match args.iter().position(|a| a == "--file") {
-        Some(i) => Arc::new(FileBackend::open(args.get(i + 1).ok_or("--file DIR")?)?),
+        Some(i) => {
+            Arc::new(FileBackend::open(args.get(i + 1).ok_or("--file DIR")?)?.with_read_cache())
+        }
         None => Arc::new(MemoryBackend::new()),
     };
     let token = Token::from_value(serde_json::json!({

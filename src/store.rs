@@ -272,6 +272,13 @@ impl Handler<GetToken> for CredentialStore {
     type Result = ResponseActFuture<Self, StoreResult<Option<Token>>>;
 
     fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
+        // A cached answer (file store with its read cache) is given on this thread.
+        if let Some(hit) = self.backend.cached_token(&msg.provider, &msg.bucket) {
+            if hit.is_some() {
+                self.record_get(&msg.provider, &msg.bucket);
+            }
+            return Box::pin(fut::ready(Ok(hit.map(Token::into_sanitized))));
+        }
         let (p, b) = (msg.provider.clone(), msg.bucket.clone());
         let read = self.run("get_token", None, move |s| {
             Ok(s.get_token(&p, &b)?.map(Token::into_sanitized))
@@ -401,6 +408,9 @@ impl Handler<GetKey> for CredentialStore {
     type Result = ResponseActFuture<Self, StoreResult<Option<Secret>>>;
 
     fn handle(&mut self, msg: GetKey, _: &mut Context<Self>) -> Self::Result {
+        if let Some(hit) = self.backend.cached_key(&msg.name) {
+            return Box::pin(fut::ready(Ok(hit)));
+        }
         self.run("get_api_key", None, move |s| s.get_key(&msg.name))
     }
 }

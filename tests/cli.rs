@@ -6,97 +6,32 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
 
+use common::process::{
+    self, sanitized, sockets_in, token_json, Canaries, Env, Run, Server, Stdin, TempDirs, BIN,
+};
 use common::{code, data, Raw};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
-
-/// How long any child gets to print its socket line or to exit.
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Secret values that must never appear in any output.
 const CANARY_AT: &str = "CANARY-AT-7f3a";
 const CANARY_RT: &str = "CANARY-RT-91bc";
 const CANARY_KEY: &str = "CANARY-KEY-55d2";
 
-const SOCKET_PREFIX: &str = "LLXPRT_CREDENTIAL_SOCKET=";
+const CANARIES: Canaries = Canaries {
+    never: &[CANARY_AT, CANARY_RT, CANARY_KEY],
+    not_logged: &[],
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// Kills and reaps the child when dropped, so no test leaves a process behind.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child still owned")
-    }
-
-    /// Waits for the child to exit (polling every 20 ms for up to `DEADLINE`); kills it
-    /// with SIGKILL and fails the test when it does not.
-    fn wait_exit(&mut self, what: &str) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child().try_wait().expect("try_wait") {
-                self.0 = None;
-                return status;
-            }
-            if t0.elapsed() > DEADLINE {
-                self.kill();
-                panic!("{what} did not exit within {DEADLINE:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Reads a pipe to its end on a thread.
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// The outcome of a finished command.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
 impl Run {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
     #[track_caller]
     fn assert_ok(&self) -> &Self {
         assert!(self.status.success(), "expected success: {self:?}");
@@ -123,39 +58,13 @@ impl Run {
 /// Fails when any canary appears in `text`.
 #[track_caller]
 fn assert_no_canary(what: &str, text: &str) {
-    for canary in [CANARY_AT, CANARY_RT, CANARY_KEY] {
-        assert!(!text.contains(canary), "{what} printed {canary}: {text}");
-    }
+    CANARIES.absent(what, text);
 }
 
 /// Runs `program args` with `stdin` fed in, `RUST_LOG` unset unless `envs` sets it, and a
 /// deadline. Every run is checked for leaked canaries.
 fn run_program(program: &str, args: &[&str], stdin: &[u8], envs: &[(&str, &str)]) -> Run {
-    let mut child = Command::new(program)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .envs(envs.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut input = child.stdin.take().expect("stdin");
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
-    let mut guard = ChildGuard(Some(child));
-    let bytes = stdin.to_vec();
-    // The child may exit without reading everything: a broken pipe is fine.
-    let writer = thread::spawn(move || {
-        let _ = input.write_all(&bytes);
-    });
-    let status = guard.wait_exit(&format!("{program} {args:?}"));
-    let _ = writer.join();
-    let run = Run {
-        status,
-        stdout: stdout.join().expect("stdout thread"),
-        stderr: stderr.join().expect("stderr thread"),
-    };
+    let run = process::run(program, args, Stdin::Pipe(stdin), Env::PLAIN.with(envs));
     assert_no_canary(&format!("{args:?} stdout"), &run.stdout);
     assert_no_canary(&format!("{args:?} stderr"), &run.stderr);
     run
@@ -166,29 +75,20 @@ fn credproxy(args: &[&str], stdin: &[u8]) -> Run {
     run_program(BIN, args, stdin, &[])
 }
 
-/// A private temporary directory with a store path (not created) and a 0700 socket dir.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    sock: PathBuf,
+/// The shared temporary store and 0700 socket directory, with the `store` and `serve`
+/// commands run on them.
+struct Fixture(TempDirs);
+
+impl Deref for Fixture {
+    type Target = TempDirs;
+    fn deref(&self) -> &TempDirs {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = tmp.path().join("store");
-        let sock = tmp.path().join("sock");
-        fs::create_dir(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        Fixture { tmp, store, sock }
-    }
-
-    fn store_str(&self) -> &str {
-        self.store.to_str().expect("utf-8 path")
-    }
-
-    fn sock_str(&self) -> &str {
-        self.sock.to_str().expect("utf-8 path")
+        Fixture(TempDirs::new())
     }
 
     /// `credproxy store ARGS --store DIR` with optional extra env (RUST_LOG).
@@ -230,37 +130,8 @@ impl Fixture {
             self.sock_str(),
         ];
         args.extend_from_slice(extra);
-        Server::start(&args, envs)
+        Server::start(&args, Env::PLAIN.with(envs))
     }
-
-    /// The `.sock` files in the socket directory.
-    fn sockets(&self) -> Vec<PathBuf> {
-        sockets_in(&self.sock)
-    }
-}
-
-fn sockets_in(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .expect("read socket dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
-        .collect()
-}
-
-/// Full token JSON as the host would store it.
-fn token_json(access: &str, refresh: &str) -> String {
-    json!({
-        "access_token": access,
-        "refresh_token": refresh,
-        "expiry": 1_900_000_000,
-        "token_type": "Bearer",
-    })
-    .to_string()
-}
-
-/// The sanitized copy of `token_json(access, _)`.
-fn sanitized(access: &str) -> Value {
-    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer"})
 }
 
 fn mode(path: &Path) -> u32 {
@@ -268,92 +139,6 @@ fn mode(path: &Path) -> u32 {
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
         .mode()
         & 0o7777
-}
-
-/// A running `credproxy serve`, killed when dropped.
-struct Server {
-    child: ChildGuard,
-    socket: PathBuf,
-    stdout_rest: JoinHandle<String>,
-    stderr: JoinHandle<String>,
-}
-
-/// What a stopped server left behind.
-#[derive(Debug)]
-struct Stopped {
-    status: ExitStatus,
-    /// Everything on stdout after the socket line.
-    stdout_rest: String,
-    stderr: String,
-}
-
-impl Server {
-    /// Spawns the binary and waits (up to `DEADLINE`) for its socket line.
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = drain(child.stderr.take().expect("stderr"));
-        let mut child = ChildGuard(Some(child));
-        let (tx, rx) = mpsc::channel();
-        let stdout_rest = thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let read = reader.read_line(&mut line).map(|_| line);
-            let _ = tx.send(read);
-            let mut rest = String::new();
-            let _ = reader.read_to_string(&mut rest);
-            rest
-        });
-        let line = match rx.recv_timeout(DEADLINE) {
-            Ok(Ok(line)) if !line.is_empty() => line,
-            other => {
-                child.kill();
-                let err = stderr.join().unwrap_or_default();
-                panic!("serve {args:?} printed no socket line ({other:?}); stderr: {err}");
-            }
-        };
-        let path = line
-            .strip_suffix('\n')
-            .and_then(|l| l.strip_prefix(SOCKET_PREFIX))
-            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-        Server {
-            child,
-            socket: PathBuf::from(path),
-            stdout_rest,
-            stderr,
-        }
-    }
-
-    /// A raw client with the handshake done.
-    fn connect(&self) -> Raw {
-        let mut raw = Raw::connect(&self.socket);
-        raw.handshake();
-        raw
-    }
-
-    fn signal(&mut self, signal: Signal) {
-        let pid = Pid::from_raw(self.child.child().id() as i32);
-        kill(pid, signal).expect("send signal");
-    }
-
-    /// Sends `signal`, waits for the exit and collects the output.
-    fn stop(mut self, signal: Signal) -> Stopped {
-        self.signal(signal);
-        let status = self.child.wait_exit(&format!("serve after {signal}"));
-        Stopped {
-            status,
-            stdout_rest: self.stdout_rest.join().expect("stdout thread"),
-            stderr: self.stderr.join().expect("stderr thread"),
-        }
-    }
 }
 
 /// `get_token` for provider's default bucket.

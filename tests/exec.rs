@@ -4,26 +4,25 @@
 //! a second stop signal, the socket's removal, start failures that never run CMD, CMD not
 //! found / not executable, `--profile` files, and the log formats.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use common::process::{
+    self, drain, path_str, sanitized, strings, token_json, Canaries, ChildGuard, Env, Run, Stdin,
+    TempDirs, BIN, DEADLINE,
+};
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
-
-/// How long any child gets to say "ready" or to exit.
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Secret values that must never appear in a log; the refresh token never anywhere.
 const CANARY_AT: &str = "CANARY-AT-e1c0";
@@ -33,90 +32,17 @@ const CANARY_KEY: &str = "CANARY-KEY-9b3f";
 const CANARY_SAVED_AT: &str = "CANARY-AT-SAVED-77aa";
 const CANARY_SAVED_RT: &str = "CANARY-RT-SAVED-0c1d";
 
+/// The refresh tokens anywhere, any secret in a log.
+const CANARIES: Canaries = Canaries {
+    never: &[CANARY_RT, CANARY_SAVED_RT],
+    not_logged: &[CANARY_AT, CANARY_KEY, CANARY_SAVED_AT],
+};
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// A child started in its own process group. Dropped before it was reaped, the whole group
-/// (credproxy and CMD with its children) is killed with SIGKILL and the child reaped, so
-/// no test leaves a process behind even when it fails half-way.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child still owned")
-    }
-
-    fn pid(&mut self) -> Pid {
-        Pid::from_raw(self.child().id() as i32)
-    }
-
-    /// Waits (polling every 20 ms for up to `DEADLINE`) for the child to exit; kills the
-    /// group and fails the test when it does not.
-    fn wait_exit(&mut self, what: &str) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child().try_wait().expect("try_wait") {
-                self.0 = None;
-                return status;
-            }
-            if t0.elapsed() > DEADLINE {
-                self.kill();
-                panic!("{what} did not exit within {DEADLINE:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // The child is not reaped yet, so its pid (= the group id) is still ours.
-            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A command for the binary: own process group, no inherited RUST_LOG or socket variable.
-fn command(program: &str, args: &[String], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
-        .envs(envs.iter().copied())
-        .process_group(0);
-    cmd
-}
-
-/// Reads a pipe to its end on a thread.
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// The outcome of a finished command.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
 impl Run {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
     #[track_caller]
     fn assert_code(&self, code: i32) -> &Self {
         assert_eq!(self.code(), Some(code), "exit status: {self:?}");
@@ -147,58 +73,17 @@ impl Run {
     }
 }
 
-/// Fails when a secret leaked: the refresh tokens anywhere, any secret in a log.
-#[track_caller]
-fn assert_no_leak(what: &str, run_stdout: &str, run_stderr: &str) {
-    for canary in [CANARY_RT, CANARY_SAVED_RT] {
-        assert!(
-            !run_stdout.contains(canary) && !run_stderr.contains(canary),
-            "{what} printed the refresh token {canary}: stdout {run_stdout:?} stderr {run_stderr:?}"
-        );
-    }
-    for canary in [CANARY_AT, CANARY_KEY, CANARY_SAVED_AT] {
-        assert!(
-            !run_stderr.contains(canary),
-            "{what} logged {canary}: {run_stderr}"
-        );
-    }
-}
-
 /// Runs `program args` to its end with a deadline (stdin empty).
 fn run_program(program: &str, args: &[String], envs: &[(&str, &str)]) -> Run {
     run_program_stdin(program, args, envs, b"")
 }
 
-/// Runs `program args` to its end with a deadline, `stdin` fed in.
+/// Runs `program args` to its end with a deadline, `stdin` fed in, in its own process
+/// group without an inherited RUST_LOG or socket variable.
 fn run_program_stdin(program: &str, args: &[String], envs: &[(&str, &str)], stdin: &[u8]) -> Run {
-    let mut child = command(program, args, envs)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let mut input = child.stdin.take().expect("stdin");
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
-    let mut guard = ChildGuard(Some(child));
-    let bytes = stdin.to_vec();
-    // The child may exit without reading everything: a broken pipe is fine.
-    let writer = thread::spawn(move || {
-        let _ = input.write_all(&bytes);
-    });
-    let status = guard.wait_exit(&format!("{program} {args:?}"));
-    let _ = writer.join();
-    let run = Run {
-        status,
-        stdout: stdout.join().expect("stdout thread"),
-        stderr: stderr.join().expect("stderr thread"),
-    };
-    assert_no_leak(&format!("{args:?}"), &run.stdout, &run.stderr);
+    let run = process::run(program, args, Stdin::Pipe(stdin), Env::ISOLATED.with(envs));
+    CANARIES.check_run(&format!("{args:?}"), &run);
     run
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
 }
 
 /// A running `credproxy exec` whose stdout is read line by line.
@@ -211,7 +96,9 @@ struct Live {
 
 impl Live {
     fn spawn(args: &[String], envs: &[(&str, &str)]) -> Live {
-        let mut child = command(BIN, args, envs)
+        let env = Env::ISOLATED.with(envs);
+        let mut child = env
+            .command(BIN, args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -229,7 +116,7 @@ impl Live {
             }
         });
         Live {
-            child: ChildGuard(Some(child)),
+            child: ChildGuard::new(child, env.own_group),
             lines,
             seen: Vec::new(),
             stderr: Some(stderr),
@@ -266,8 +153,7 @@ impl Live {
     }
 
     fn signal(&mut self, signal: Signal) {
-        let pid = self.child.pid();
-        kill(pid, signal).expect("signal credproxy");
+        self.child.signal(signal);
     }
 
     /// Waits for the exit and collects the output.
@@ -296,72 +182,32 @@ impl Live {
                 .join()
                 .expect("stderr thread"),
         };
-        assert_no_leak("credproxy exec", &run.stdout, &run.stderr);
+        CANARIES.check_run("credproxy exec", &run);
         run
     }
 }
 
-/// A private temporary directory with a seeded file store and a 0700 socket directory.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    sock: PathBuf,
+/// The shared temporary directories with a seeded file store.
+struct Fixture(TempDirs);
+
+impl Deref for Fixture {
+    type Target = TempDirs;
+    fn deref(&self) -> &TempDirs {
+        &self.0
+    }
 }
 
 impl Fixture {
     /// Store: anthropic:default (canaries), anthropic:work, openai:default, and the API
     /// keys anthropic (canary) and openai.
     fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = tmp.path().join("store");
-        let sock = tmp.path().join("sock");
-        fs::create_dir(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        let f = Fixture { tmp, store, sock };
-        f.set_token("anthropic", "default", CANARY_AT);
-        f.set_token("anthropic", "work", "at-anthropic-work");
-        f.set_token("openai", "default", "at-openai-default");
-        f.set_key("anthropic", CANARY_KEY);
-        f.set_key("openai", "sk-openai");
+        let f = Fixture(TempDirs::new());
+        f.seed_token("anthropic", "default", CANARY_AT, CANARY_RT);
+        f.seed_token("anthropic", "work", "at-anthropic-work", CANARY_RT);
+        f.seed_token("openai", "default", "at-openai-default", CANARY_RT);
+        f.seed_key("anthropic", CANARY_KEY);
+        f.seed_key("openai", "sk-openai");
         f
-    }
-
-    fn path_str(path: &Path) -> String {
-        path.to_str().expect("utf-8 path").to_owned()
-    }
-
-    /// `credproxy store ...` with `stdin`.
-    fn store_cmd(&self, args: &[&str], stdin: &str) {
-        let mut all = strings(&["store"]);
-        all.extend(strings(args));
-        all.extend([String::from("--store"), Fixture::path_str(&self.store)]);
-        let mut child = command(BIN, &all, &[])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy store");
-        let mut input = child.stdin.take().expect("stdin");
-        let stdout = drain(child.stdout.take().expect("stdout"));
-        let stderr = drain(child.stderr.take().expect("stderr"));
-        let mut guard = ChildGuard(Some(child));
-        input.write_all(stdin.as_bytes()).expect("write stdin");
-        drop(input);
-        let status = guard.wait_exit("credproxy store");
-        let out = stdout.join().unwrap_or_default();
-        let err = stderr.join().unwrap_or_default();
-        assert!(status.success(), "store {args:?}: {status:?} {out} {err}");
-    }
-
-    fn set_token(&self, provider: &str, bucket: &str, access: &str) {
-        self.store_cmd(
-            &["token", "set", provider, "--bucket", bucket],
-            &token_json(access, CANARY_RT),
-        );
-    }
-
-    fn set_key(&self, name: &str, key: &str) {
-        self.store_cmd(&["key", "set", name], &format!("{key}\n"));
     }
 
     /// `exec --store S --socket-dir D OPTS -- CMD...`
@@ -369,9 +215,9 @@ impl Fixture {
         let mut args = vec![
             String::from("exec"),
             "--store".into(),
-            Fixture::path_str(&self.store),
+            path_str(&self.store),
             "--socket-dir".into(),
-            Fixture::path_str(&self.sock),
+            path_str(&self.sock),
         ];
         args.extend(strings(opts));
         args.push("--".into());
@@ -391,15 +237,6 @@ impl Fixture {
         Live::spawn(&self.exec_args(opts, cmd), &[])
     }
 
-    /// The `.sock` files in the socket directory.
-    fn sockets(&self) -> Vec<PathBuf> {
-        fs::read_dir(&self.sock)
-            .expect("read socket dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "sock"))
-            .collect()
-    }
-
     /// A file CMD creates when it runs.
     fn marker(&self) -> PathBuf {
         self.tmp.path().join("cmd-ran")
@@ -411,7 +248,7 @@ impl Fixture {
             "-c".into(),
             "touch \"$1\"".into(),
             "sh".into(),
-            Fixture::path_str(&self.marker()),
+            path_str(&self.marker()),
         ]
     }
 
@@ -419,24 +256,8 @@ impl Fixture {
     fn profile(&self, name: &str, text: &str) -> String {
         let path = self.tmp.path().join(name);
         fs::write(&path, text).expect("write profile");
-        Fixture::path_str(&path)
+        path_str(&path)
     }
-}
-
-/// Full token JSON as the host stores it.
-fn token_json(access: &str, refresh: &str) -> String {
-    json!({
-        "access_token": access,
-        "refresh_token": refresh,
-        "expiry": 1_900_000_000,
-        "token_type": "Bearer",
-    })
-    .to_string()
-}
-
-/// The line `credproxy token get` prints for `token_json(access, _)`.
-fn sanitized(access: &str) -> Value {
-    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer"})
 }
 
 /// `sh -c SCRIPT sh BIN`: the script reaches the binary as "$1".
@@ -627,7 +448,7 @@ fn without_socket_dir_exec_uses_the_per_user_directory_in_tmpdir() {
     let args = vec![
         String::from("exec"),
         "--store".into(),
-        Fixture::path_str(&f.store),
+        path_str(&f.store),
         "--allow".into(),
         "anthropic".into(),
         "--".into(),
@@ -637,7 +458,7 @@ fn without_socket_dir_exec_uses_the_per_user_directory_in_tmpdir() {
         "sh".into(),
         BIN.into(),
     ];
-    let tmp_str = Fixture::path_str(&tmpdir);
+    let tmp_str = path_str(&tmpdir);
     let run = run_program(BIN, &args, &[("TMPDIR", &tmp_str)]);
     run.assert_code(0);
     let lines: Vec<&str> = run.stdout.lines().collect();
@@ -779,7 +600,7 @@ fn a_proxy_that_cannot_start_never_runs_cmd() {
     // The socket directory does not exist.
     let missing = f.tmp.path().join("missing");
     let mut args = f.exec_args(&["--allow", "anthropic"], &cmd);
-    args[4] = Fixture::path_str(&missing);
+    args[4] = path_str(&missing);
     let run = run_program(BIN, &args, &[]);
     run.assert_start_failed(None, &["missing"]);
     assert!(!f.marker().exists(), "CMD ran: {run:?}");
@@ -790,7 +611,7 @@ fn a_proxy_that_cannot_start_never_runs_cmd() {
     fs::create_dir(&open).expect("mkdir");
     fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
     let mut args = f.exec_args(&["--allow", "anthropic"], &cmd);
-    args[4] = Fixture::path_str(&open);
+    args[4] = path_str(&open);
     let run = run_program(BIN, &args, &[]);
     run.assert_start_failed(None, &["writable by group or others"]);
     assert!(!f.marker().exists(), "CMD ran: {run:?}");
@@ -807,7 +628,7 @@ fn a_proxy_that_cannot_start_never_runs_cmd() {
 
     // A profile file that does not exist.
     let absent = f.tmp.path().join("absent.toml");
-    let run = f.exec(&["--profile", &Fixture::path_str(&absent)], &cmd);
+    let run = f.exec(&["--profile", &path_str(&absent)], &cmd);
     run.assert_start_failed(None, &["absent.toml"]);
     assert!(!f.marker().exists(), "CMD ran: {run:?}");
 
@@ -841,7 +662,7 @@ fn exec_without_a_command_is_a_usage_error() {
 fn a_cmd_that_is_not_found_exits_127_after_cleaning_up() {
     let f = Fixture::new();
     let absolute = f.tmp.path().join("no-such-command");
-    let absolute = Fixture::path_str(&absolute);
+    let absolute = path_str(&absolute);
     for cmd in [absolute.as_str(), "credproxy-no-such-command-3f9e"] {
         let run = f.exec(&["--allow", "anthropic"], &[cmd, "arg"]);
         run.assert_code(127);
@@ -864,7 +685,7 @@ fn a_cmd_that_is_not_executable_exits_126_after_cleaning_up() {
     )
     .expect("write script");
     fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).expect("chmod 0644");
-    let script = Fixture::path_str(&script);
+    let script = path_str(&script);
     let run = f.exec(&["--allow", "anthropic"], &[&script]);
     run.assert_code(126);
     assert!(run.stderr.contains(&script), "{run:?}");
@@ -872,7 +693,7 @@ fn a_cmd_that_is_not_executable_exits_126_after_cleaning_up() {
     assert_eq!(f.sockets(), Vec::<PathBuf>::new(), "socket left");
 
     // A directory is not executable either.
-    let dir = Fixture::path_str(f.tmp.path());
+    let dir = path_str(f.tmp.path());
     let run = f.exec(&["--allow", "anthropic"], &[&dir]);
     run.assert_code(126);
     assert_eq!(f.sockets(), Vec::<PathBuf>::new(), "socket left");

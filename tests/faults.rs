@@ -16,12 +16,13 @@ use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::process::{ChildGuard, Env, FirstLine, TempDirs as Fixture, BIN, SOCKET_PREFIX};
 use common::{code, data, frame, short_limits, Raw};
 use credproxy::backend::{Backend, FileBackend, MemoryBackend, SaveMode};
 use credproxy::secret::Secret;
@@ -31,16 +32,8 @@ use credproxy::Limits;
 use rand::Rng;
 use serde_json::{json, Value};
 
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
-
-/// How long a child gets to print its socket line.
-const DEADLINE: Duration = Duration::from_secs(10);
-
 /// How long any correctness wait (a reply, a recovery, a session going away) may take.
 const SERVE_WAIT: Duration = Duration::from_secs(5);
-
-const SOCKET_PREFIX: &str = "LLXPRT_CREDENTIAL_SOCKET=";
 
 /// The generic message of a store failure: the only text a client may see.
 const STORE_FAILED: &str = "the credential store failed; see the host's log";
@@ -53,24 +46,6 @@ fn skip(test: &str, reason: &str) {
     eprintln!("SKIP {test}: {reason}");
 }
 
-/// Kills (SIGKILL) and reaps the child when dropped.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// A running `credproxy serve` child whose stderr is collected as it arrives.
 struct Server {
     child: ChildGuard,
@@ -80,20 +55,22 @@ struct Server {
 }
 
 impl Server {
-    /// Spawns `cmd` (which must end up exec'ing `credproxy serve`) and waits for its socket
-    /// line. `RUST_LOG` is removed so the server logs at its default level (info).
+    /// Spawns `cmd` (which must end up exec'ing `credproxy serve`) and waits (up to
+    /// `DEADLINE`) for its socket line. `RUST_LOG` is removed so the server logs at its
+    /// default level (info).
     fn start(mut cmd: Command) -> Server {
-        let mut child = cmd
-            .env_remove("RUST_LOG")
+        let env = Env::PLAIN;
+        let mut child = env
+            .apply(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn credproxy serve");
         let pid = child.id() as i32;
-        let stdout = child.stdout.take().expect("stdout");
+        let stdout = FirstLine::read(child.stdout.take().expect("stdout"));
         let stderr_pipe = child.stderr.take().expect("stderr");
-        let mut guard = ChildGuard(Some(child));
+        let mut guard = ChildGuard::new(child, env.own_group);
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
         thread::spawn(move || {
@@ -104,20 +81,13 @@ impl Server {
                 s.push('\n');
             }
         });
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = tx.send(reader.read_line(&mut line).map(|_| line));
-            let _ = io::copy(&mut reader, &mut io::sink());
-        });
-        let line = match rx.recv_timeout(DEADLINE) {
-            Ok(Ok(line)) if !line.is_empty() => line,
-            other => {
+        let line = match stdout.wait() {
+            Ok(line) => line,
+            Err(other) => {
                 guard.kill();
                 thread::sleep(Duration::from_millis(50));
                 let err = stderr.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                panic!("credproxy serve printed no socket line ({other:?}); stderr: {err}");
+                panic!("credproxy serve printed no socket line ({other}); stderr: {err}");
             }
         };
         let path = line
@@ -164,10 +134,7 @@ impl Server {
 
     /// True while the child has not exited.
     fn alive(&mut self) -> bool {
-        match self.child.0.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.child.running()
     }
 
     fn connect(&self) -> Raw {
@@ -195,28 +162,6 @@ fn serve_cmd(prefix: &[&str], store: &Path, sock: &Path) -> Command {
         .arg(sock)
         .args(["--allow-all", "--rate-limit", "0"]);
     cmd
-}
-
-/// A private temporary directory with `store/` (not created) and a 0700 `sock/`.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    store: PathBuf,
-    sock: PathBuf,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = tmp.path().join("store");
-        let sock = tmp.path().join("sock");
-        fs::create_dir(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        Fixture {
-            _tmp: tmp,
-            store,
-            sock,
-        }
-    }
 }
 
 /// A full host-side token, as `credproxy store token set` would write it.

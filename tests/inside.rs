@@ -3,26 +3,17 @@
 //! exit status (0 to 5) with the code named on stderr, `token save` from stdin with the
 //! sandbox's refresh token dropped, and `--help` documenting the exit codes.
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::ops::Deref;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::thread;
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use common::process::{self, sanitized, token_json, Canaries, Env, Run, Stdin, TempDirs, BIN};
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
-
-/// How long any child gets to print its socket line or to exit.
-const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Secret values. The access token and key may be printed by the commands that fetch
 /// them (on stdout); the refresh tokens never anywhere, and nothing on stderr.
@@ -31,69 +22,21 @@ const CANARY_RT: &str = "CANARY-RT-c4a0";
 const CANARY_KEY: &str = "CANARY-KEY-8d13";
 const SANDBOX_RT: &str = "CANARY-RT-SANDBOX-5e2f";
 
-const SOCKET_PREFIX: &str = "LLXPRT_CREDENTIAL_SOCKET=";
+const CANARIES: Canaries = Canaries {
+    never: &[CANARY_RT, SANDBOX_RT],
+    not_logged: &[CANARY_AT, CANARY_KEY],
+};
+
+/// `serve` runs in its own process group (killed with it) and keeps the socket variable.
+const SERVE_ENV: Env<'static> = Env {
+    clear_socket: false,
+    own_group: true,
+    vars: &[],
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// A child in its own process group, killed (with its group) and reaped when dropped
-/// before it exited.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child still owned")
-    }
-
-    /// Waits (polling every 20 ms for up to `DEADLINE`) for the exit; kills the child and
-    /// fails the test when it does not come.
-    fn wait_exit(&mut self, what: &str) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child().try_wait().expect("try_wait") {
-                self.0 = None;
-                return status;
-            }
-            if t0.elapsed() > DEADLINE {
-                self.kill();
-                panic!("{what} did not exit within {DEADLINE:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // Not reaped yet: the pid (= the group id) is still ours.
-            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// The outcome of a finished command.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
 
 impl Run {
     /// Asserts success with nothing on stderr.
@@ -126,65 +69,26 @@ impl Run {
 /// Runs the binary with `args`, `stdin` fed in, and `envs` (RUST_LOG and the socket
 /// variable removed unless set there). Checks that no secret leaked.
 fn credproxy(args: &[&str], stdin: &[u8], envs: &[(&str, &str)]) -> Run {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
-        .envs(envs.iter().copied())
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn credproxy");
-    let mut input = child.stdin.take().expect("stdin");
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
-    let mut guard = ChildGuard(Some(child));
-    let bytes = stdin.to_vec();
-    // The child may exit without reading everything: a broken pipe is fine.
-    let writer = thread::spawn(move || {
-        let _ = input.write_all(&bytes);
-    });
-    let status = guard.wait_exit(&format!("credproxy {args:?}"));
-    let _ = writer.join();
-    let run = Run {
-        status,
-        stdout: stdout.join().expect("stdout thread"),
-        stderr: stderr.join().expect("stderr thread"),
-    };
-    for canary in [CANARY_RT, SANDBOX_RT] {
-        assert!(
-            !run.stdout.contains(canary) && !run.stderr.contains(canary),
-            "{args:?} printed a refresh token: {run:?}"
-        );
-    }
-    for canary in [CANARY_AT, CANARY_KEY] {
-        assert!(
-            !run.stderr.contains(canary),
-            "{args:?} put a secret on stderr: {run:?}"
-        );
-    }
+    let run = process::run(BIN, args, Stdin::Pipe(stdin), Env::ISOLATED.with(envs));
+    CANARIES.check_run(&format!("{args:?}"), &run);
     run
 }
 
-/// A private temporary directory with a file store and a 0700 socket directory.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    sock: PathBuf,
+/// The shared temporary directories with a seeded file store.
+struct Fixture(TempDirs);
+
+impl Deref for Fixture {
+    type Target = TempDirs;
+    fn deref(&self) -> &TempDirs {
+        &self.0
+    }
 }
 
 impl Fixture {
     /// The store: tokens gemini:default, anthropic:work, anthropic:default (canaries),
     /// openai:default (each with a refresh token), keys openai and anthropic (canary).
     fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = tmp.path().join("store");
-        let sock = tmp.path().join("sock");
-        fs::create_dir(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        let f = Fixture { tmp, store, sock };
+        let f = Fixture(TempDirs::new());
         // Written out of order: the lists must come back sorted.
         f.set_token("gemini", "default", "at-gemini-default");
         f.set_token("anthropic", "work", "at-anthropic-work");
@@ -195,27 +99,14 @@ impl Fixture {
         f
     }
 
-    fn store_str(&self) -> &str {
-        self.store.to_str().expect("utf-8 path")
-    }
-
-    fn store_cmd(&self, args: &[&str], stdin: &[u8]) {
-        let mut all = vec!["store"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--store", self.store_str()]);
-        let run = credproxy(&all, stdin, &[]);
-        assert_eq!(run.status.code(), Some(0), "{all:?}: {run:?}");
-    }
-
     fn set_token(&self, provider: &str, bucket: &str, access: &str) {
-        self.store_cmd(
-            &["token", "set", provider, "--bucket", bucket],
-            token_json(access, CANARY_RT).as_bytes(),
-        );
+        let run = self.seed_token(provider, bucket, access, CANARY_RT);
+        CANARIES.check_run("store token set", &run);
     }
 
     fn set_key(&self, name: &str, key: &str) {
-        self.store_cmd(&["key", "set", name], format!("{key}\n").as_bytes());
+        let run = self.seed_key(name, key);
+        CANARIES.check_run("store key set", &run);
     }
 
     /// The token file of provider:bucket.
@@ -240,82 +131,25 @@ impl Fixture {
             "--store",
             self.store_str(),
             "--socket-dir",
-            self.sock.to_str().expect("utf-8"),
+            self.sock_str(),
         ];
         args.extend_from_slice(extra);
-        Server::start(&args)
+        Server(process::Server::start(&args, SERVE_ENV))
     }
 }
 
-/// Full token JSON as the host stores it.
-fn token_json(access: &str, refresh: &str) -> String {
-    json!({
-        "access_token": access,
-        "refresh_token": refresh,
-        "expiry": 1_900_000_000,
-        "token_type": "Bearer",
-    })
-    .to_string()
-}
+/// A running `credproxy serve`, killed when dropped, with the inside commands run against
+/// it.
+struct Server(process::Server);
 
-/// What `token get` prints for `token_json(access, _)`.
-fn sanitized(access: &str) -> Value {
-    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer"})
-}
-
-/// A running `credproxy serve`, killed when dropped.
-struct Server {
-    child: ChildGuard,
-    socket: PathBuf,
-    stderr: Option<JoinHandle<String>>,
+impl Deref for Server {
+    type Target = process::Server;
+    fn deref(&self) -> &process::Server {
+        &self.0
+    }
 }
 
 impl Server {
-    /// Spawns the binary and waits (up to `DEADLINE`) for its socket line.
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = drain(child.stderr.take().expect("stderr"));
-        let mut child = ChildGuard(Some(child));
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let read = reader.read_line(&mut line).map(|_| line);
-            let _ = tx.send(read);
-            let _ = reader.read_to_end(&mut Vec::new());
-        });
-        let line = match rx.recv_timeout(DEADLINE) {
-            Ok(Ok(line)) if !line.is_empty() => line,
-            other => {
-                child.kill();
-                let err = stderr.join().unwrap_or_default();
-                panic!("serve {args:?} printed no socket line ({other:?}); stderr: {err}");
-            }
-        };
-        let path = line
-            .strip_suffix('\n')
-            .and_then(|l| l.strip_prefix(SOCKET_PREFIX))
-            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-        Server {
-            child,
-            socket: PathBuf::from(path),
-            stderr: Some(stderr),
-        }
-    }
-
-    fn socket_str(&self) -> &str {
-        self.socket.to_str().expect("utf-8")
-    }
-
     /// Runs an inside command with `--socket PATH` appended.
     fn run(&self, args: &[&str]) -> Run {
         self.run_stdin(args, b"")
@@ -337,20 +171,15 @@ impl Server {
     }
 
     /// SIGTERM, wait, and return the server's stderr (checked for secrets).
-    fn stop(mut self) -> String {
-        let pid = Pid::from_raw(self.child.child().id() as i32);
-        kill(pid, Signal::SIGTERM).expect("signal serve");
-        let status = self.child.wait_exit("serve after SIGTERM");
-        let stderr = self
-            .stderr
-            .take()
-            .expect("stderr")
-            .join()
-            .expect("stderr thread");
-        assert!(status.success(), "serve exit: {status:?}; {stderr}");
-        for canary in [CANARY_AT, CANARY_RT, CANARY_KEY, SANDBOX_RT] {
-            assert!(!stderr.contains(canary), "serve logged {canary}: {stderr}");
-        }
+    fn stop(self) -> String {
+        let stopped = self.0.stop(Signal::SIGTERM);
+        let stderr = stopped.stderr;
+        assert!(
+            stopped.status.success(),
+            "serve exit: {:?}; {stderr}",
+            stopped.status
+        );
+        CANARIES.absent("serve stderr", &stderr);
         stderr
     }
 }

@@ -7,28 +7,27 @@
 //! When bwrap is missing or cannot create namespaces here, each test prints why and
 //! returns early.
 
+mod common;
+
 use std::fs;
-use std::io::Read;
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-use serde_json::{json, Value};
-
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
-
-/// How long any child gets to exit.
-const DEADLINE: Duration = Duration::from_secs(10);
+use common::process::{
+    path_str, sanitized, strings, token_json, try_run, Canaries, Env, Run, Stdin, TempDirs, BIN,
+};
+use serde_json::Value;
 
 const CANARY_AT: &str = "CANARY-AT-b7d2";
 const CANARY_RT: &str = "CANARY-RT-3a95";
 const CANARY_KEY: &str = "CANARY-KEY-e04c";
+
+/// The refresh token anywhere, the access token and the key in a log.
+const CANARIES: Canaries = Canaries {
+    never: &[CANARY_RT],
+    not_logged: &[CANARY_AT, CANARY_KEY],
+};
 
 /// The uid and gid of the foreign sandbox (nobody).
 const FOREIGN: &str = "65534";
@@ -37,85 +36,9 @@ const FOREIGN: &str = "65534";
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// A child in its own process group, killed (with the group: credproxy, bwrap and the
-/// sandbox) and reaped when dropped before it exited.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    /// Waits (polling every 20 ms for up to `DEADLINE`) for the exit; kills the group and
-    /// fails the test when it does not come.
-    fn wait_exit(&mut self, what: &str) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            let child = self.0.as_mut().expect("child still owned");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.0 = None;
-                return status;
-            }
-            if t0.elapsed() > DEADLINE {
-                self.kill();
-                panic!("{what} did not exit within {DEADLINE:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // Not reaped yet: the pid (= the group id) is still ours.
-            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `program args` to its end with a deadline; `Err` when it cannot be spawned.
-fn try_run(program: &str, args: &[String]) -> std::io::Result<Run> {
-    let mut child = Command::new(program)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stdout = drain(child.stdout.take().expect("stdout"));
-    let stderr = drain(child.stderr.take().expect("stderr"));
-    let mut guard = ChildGuard(Some(child));
-    let status = guard.wait_exit(&format!("{program} {args:?}"));
-    Ok(Run {
-        status,
-        stdout: stdout.join().expect("stdout thread"),
-        stderr: stderr.join().expect("stderr thread"),
-    })
-}
-
 /// Runs `program args`, which must succeed, or says why it did not.
 fn probe(program: &str, args: &[String]) -> Result<(), String> {
-    match try_run(program, args) {
+    match try_run(program, args, Stdin::Null, Env::ISOLATED) {
         Err(e) => Err(format!("cannot run {program}: {e}")),
         Ok(run) if run.status.success() => Ok(()),
         Ok(run) => Err(format!(
@@ -125,14 +48,6 @@ fn probe(program: &str, args: &[String]) -> Result<(), String> {
             run.stderr.trim_end()
         )),
     }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_str().expect("utf-8 path").to_owned()
 }
 
 /// The sandbox: a fresh mount namespace (and every other namespace bwrap can unshare)
@@ -190,49 +105,26 @@ fn skip(reason: Result<(), String>, test: &str) -> bool {
     }
 }
 
-/// A private temporary directory with a seeded store and a 0700 socket directory.
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    sock: PathBuf,
+/// The shared temporary directories with a seeded store.
+struct Fixture(TempDirs);
+
+impl Deref for Fixture {
+    type Target = TempDirs;
+    fn deref(&self) -> &TempDirs {
+        &self.0
+    }
 }
 
 impl Fixture {
+    /// The store: anthropic:default with canaries, and the API key anthropic.
     fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = tmp.path().join("store");
-        let sock = tmp.path().join("sock");
-        fs::create_dir(&sock).expect("mkdir sock");
-        fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        let f = Fixture { tmp, store, sock };
-        f.seed();
+        let f = Fixture(TempDirs::new());
+        f.seed(
+            &["token", "set", "anthropic"],
+            token_json(CANARY_AT, CANARY_RT).as_bytes(),
+        );
+        f.seed_key("anthropic", CANARY_KEY);
         f
-    }
-
-    /// anthropic:default with canaries, and the API key anthropic.
-    fn seed(&self) {
-        let token = json!({"access_token": CANARY_AT, "refresh_token": CANARY_RT,
-            "expiry": 1_900_000_000, "token_type": "Bearer"})
-        .to_string();
-        let key_file = self.tmp.path().join("key-input");
-        let token_file = self.tmp.path().join("token-input");
-        fs::write(&key_file, format!("{CANARY_KEY}\n")).expect("write");
-        fs::write(&token_file, token).expect("write");
-        let store = path_str(&self.store);
-        for (args, input) in [
-            (vec!["token", "set", "anthropic"], &token_file),
-            (vec!["key", "set", "anthropic"], &key_file),
-        ] {
-            let script = format!(
-                "exec \"$0\" store {} --store '{store}' < '{}'",
-                args.join(" "),
-                input.display()
-            );
-            let run = try_run("/bin/sh", &strings(&["-c", &script, BIN])).expect("spawn sh");
-            assert!(run.status.success(), "seeding {args:?}: {run:?}");
-        }
-        fs::remove_file(key_file).expect("rm");
-        fs::remove_file(token_file).expect("rm");
     }
 
     /// `credproxy exec --store S --socket-dir D --allow anthropic -- CMD...`
@@ -248,29 +140,11 @@ impl Fixture {
             "--",
         ]);
         args.extend_from_slice(cmd);
-        let run = try_run(BIN, &args).expect("spawn credproxy exec");
-        assert!(
-            !run.stdout.contains(CANARY_RT) && !run.stderr.contains(CANARY_RT),
-            "the refresh token leaked: {run:?}"
-        );
-        for canary in [CANARY_AT, CANARY_KEY] {
-            assert!(!run.stderr.contains(canary), "logged {canary}: {run:?}");
-        }
+        let run = try_run(BIN, &args, Stdin::Null, Env::ISOLATED).expect("spawn credproxy exec");
+        CANARIES.check_run("credproxy exec", &run);
         assert_eq!(self.sockets(), Vec::<PathBuf>::new(), "socket left behind");
         run
     }
-
-    fn sockets(&self) -> Vec<PathBuf> {
-        fs::read_dir(&self.sock)
-            .expect("read socket dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "sock"))
-            .collect()
-    }
-}
-
-fn sanitized() -> Value {
-    json!({"access_token": CANARY_AT, "expiry": 1_900_000_000, "token_type": "Bearer"})
 }
 
 /// The script run inside the sandbox: reports any host path it can see (given as
@@ -290,7 +164,7 @@ fn assert_inside_got_credentials(run: &Run, prefix: &[&str]) {
     assert_eq!(lines[..n], *prefix, "{run:?}");
     assert_eq!(
         serde_json::from_str::<Value>(lines[n]).unwrap_or_else(|e| panic!("{e}: {run:?}")),
-        sanitized(),
+        sanitized(CANARY_AT),
         "{run:?}"
     );
     assert_eq!(lines[n + 1..], ["rc=0", CANARY_KEY, "rc=0"], "{run:?}");

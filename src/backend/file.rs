@@ -42,6 +42,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde_json::Value;
 
+use super::watch::ReadCache;
 use super::{Backend, SaveMode, StoreError};
 use crate::names::{is_valid, NameKind};
 use crate::secret::{wipe_json, Secret, SecretBytes};
@@ -66,6 +67,8 @@ pub struct FileBackend {
     dir: PathBuf,
     /// Set once a group/other-accessible store file has been reported, to warn only once.
     warned_mode: AtomicBool,
+    /// The inotify-validated read cache, when enabled (see [`super::watch`]).
+    cache: Option<ReadCache>,
 }
 
 /// The key file's shape; borrowing the secret avoids an extra copy of it.
@@ -92,6 +95,7 @@ impl FileBackend {
         let backend = FileBackend {
             dir,
             warned_mode: AtomicBool::new(false),
+            cache: None,
         };
         backend.check_mode(&meta, &backend.dir);
         backend.sweep_temp_files()?;
@@ -102,7 +106,15 @@ impl FileBackend {
     /// Runs under the store lock: every writer holds it while its temporary file exists,
     /// so no write in progress in another process can lose its file.
     fn sweep_temp_files(&self) -> Result<(), StoreError> {
-        let _lock = self.lock()?;
+        // A store we may not write (a read-only mount) can still be served; a crashed
+        // writer cannot have left anything there since it became read-only.
+        let _lock = match self.lock() {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::debug!(error = %e, "store not writable: temp-file sweep skipped");
+                return Ok(());
+            }
+        };
         let mut dirs = vec![self.dir.join(KEYS)];
         if let Ok(entries) = fs::read_dir(self.dir.join(TOKENS)) {
             dirs.extend(
@@ -150,6 +162,21 @@ impl FileBackend {
             }
         }
         Ok(())
+    }
+
+    /// Enables the read cache (for a long-running server; one-shot commands need none):
+    /// repeated reads are answered from memory, and any change to the store's files, by
+    /// this or any other process, invalidates it (see [`super::watch`]). Without inotify it
+    /// stays off.
+    pub fn with_read_cache(mut self) -> Self {
+        self.cache = ReadCache::start(&self.dir);
+        self
+    }
+
+    fn invalidate(&self) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate();
+        }
     }
 
     /// The default store directory: `$XDG_DATA_HOME/credproxy` when `XDG_DATA_HOME` is set
@@ -256,7 +283,25 @@ impl Backend for FileBackend {
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
-        self.read_token(&self.token_dir(provider).join(format!("{bucket}{EXT}")))
+        let path = self.token_dir(provider).join(format!("{bucket}{EXT}"));
+        let Some(cache) = &self.cache else {
+            return self.read_token(&path);
+        };
+        if let Some(hit) = cache.token(provider, bucket) {
+            return Ok(hit);
+        }
+        let generation = cache.generation();
+        let value = self.read_token(&path)?;
+        cache.fill_token(generation, provider, bucket, &value);
+        Ok(value)
+    }
+
+    fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<Token>> {
+        self.cache.as_ref()?.token(provider, bucket)
+    }
+
+    fn cached_key(&self, name: &str) -> Option<Option<Secret>> {
+        self.cache.as_ref()?.key(name)
     }
 
     /// In [`SaveMode::Merge`] a stored file that cannot be read or is not a valid token
@@ -286,7 +331,9 @@ impl Backend for FileBackend {
                 None => incoming,
             },
         };
-        write_json(&dir, &file_name, next)
+        let written = write_json(&dir, &file_name, next);
+        self.invalidate();
+        written
     }
 
     fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
@@ -294,7 +341,9 @@ impl Backend for FileBackend {
         check(NameKind::Bucket, bucket)?;
         let _lock = self.lock()?;
         let dir = self.token_dir(provider);
-        let removed = remove_file(&dir.join(format!("{bucket}{EXT}")))?;
+        let removed = remove_file(&dir.join(format!("{bucket}{EXT}")));
+        self.invalidate();
+        let removed = removed?;
         // Drop the provider directory once its last token is gone (under the lock, so no
         // concurrent save is about to write into it).
         match fs::remove_dir(&dir) {
@@ -335,6 +384,53 @@ impl Backend for FileBackend {
 
     fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         check(NameKind::Key, name)?;
+        let Some(cache) = &self.cache else {
+            return self.read_key(name);
+        };
+        if let Some(hit) = cache.key(name) {
+            return Ok(hit);
+        }
+        let generation = cache.generation();
+        let value = self.read_key(name)?;
+        cache.fill_key(generation, name, &value);
+        Ok(value)
+    }
+
+    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
+        check(NameKind::Key, name)?;
+        let _lock = self.lock()?;
+        let key = KeyFile { key: key.expose() };
+        let written = write_json(&self.dir.join(KEYS), &format!("{name}{EXT}"), &key);
+        self.invalidate();
+        written
+    }
+
+    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
+        check(NameKind::Key, name)?;
+        let _lock = self.lock()?;
+        let dir = self.dir.join(KEYS);
+        let removed = remove_file(&dir.join(format!("{name}{EXT}")));
+        self.invalidate();
+        let removed = removed?;
+        if removed {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
+    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
+        list_dir(&self.dir.join(KEYS), json_stem(NameKind::Key))
+    }
+
+    fn clear(&self) {
+        if let Some(cache) = &self.cache {
+            cache.shutdown();
+        }
+    }
+}
+
+impl FileBackend {
+    fn read_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         let path = self.dir.join(KEYS).join(format!("{name}{EXT}"));
         let Some(bytes) = self.read_file(&path)? else {
             return Ok(None);
@@ -356,32 +452,6 @@ impl Backend for FileBackend {
                 Err(corrupt(&path, "key must be a string"))
             }
         }
-    }
-
-    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
-        check(NameKind::Key, name)?;
-        let _lock = self.lock()?;
-        let key = KeyFile { key: key.expose() };
-        write_json(&self.dir.join(KEYS), &format!("{name}{EXT}"), &key)
-    }
-
-    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
-        check(NameKind::Key, name)?;
-        let _lock = self.lock()?;
-        let dir = self.dir.join(KEYS);
-        let removed = remove_file(&dir.join(format!("{name}{EXT}")))?;
-        if removed {
-            sync_dir(&dir)?;
-        }
-        Ok(removed)
-    }
-
-    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        list_dir(&self.dir.join(KEYS), json_stem(NameKind::Key))
-    }
-
-    fn clear(&self) {
-        // Nothing is held in memory between calls.
     }
 }
 
@@ -869,5 +939,136 @@ mod tests {
         assert!(!stray.exists() && !key_stray.exists(), "temp files swept");
         assert!(kept.exists(), "files that are not our temp files stay");
         assert!(store.get_token("p", "default").expect("get").is_some());
+    }
+
+    /// Polls `f` until it is true or 5 s pass (the watcher reacts in microseconds; the
+    /// bound only keeps a broken cache from hanging the test).
+    fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    fn access(b: &FileBackend, provider: &str) -> Option<String> {
+        b.get_token(provider, "default").expect("get").map(|t| {
+            t.fields()["access_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+    }
+
+    #[test]
+    fn read_cache_sees_writes_by_this_and_other_processes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cached = FileBackend::open(dir.path())
+            .expect("open")
+            .with_read_cache();
+        assert!(cached.cache.is_some(), "inotify is available on Linux");
+        let other = FileBackend::open(dir.path()).expect("open");
+        assert_eq!(access(&cached, "p"), None);
+        assert_eq!(
+            cached.cached_token("p", "default").map(|t| t.is_none()),
+            Some(true)
+        );
+        // A new provider directory and file written by someone else.
+        put(&other, "p", "default", &basic("one"), SaveMode::Replace);
+        assert!(eventually(|| access(&cached, "p").as_deref() == Some("one")));
+        assert!(
+            cached.cached_token("p", "default").is_some(),
+            "now answered from memory"
+        );
+        // Changed by someone else.
+        put(&other, "p", "default", &basic("two"), SaveMode::Replace);
+        assert!(eventually(|| access(&cached, "p").as_deref() == Some("two")));
+        // Written through the cached backend: visible at once.
+        put(&cached, "p", "default", &basic("three"), SaveMode::Replace);
+        assert_eq!(access(&cached, "p").as_deref(), Some("three"));
+        // Removed by someone else.
+        assert!(other.remove_token("p", "default").expect("remove"));
+        assert!(eventually(|| access(&cached, "p").is_none()));
+        // Keys too.
+        other.set_key("k", &Secret::from("v1")).expect("set");
+        assert!(eventually(|| cached
+            .get_key("k")
+            .expect("get")
+            .map(|k| k.expose() == "v1")
+            == Some(true)));
+        other.set_key("k", &Secret::from("v2")).expect("set");
+        assert!(eventually(|| cached
+            .get_key("k")
+            .expect("get")
+            .map(|k| k.expose() == "v2")
+            == Some(true)));
+    }
+
+    #[test]
+    fn read_cache_never_stays_stale_under_concurrent_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cached = std::sync::Arc::new(
+            FileBackend::open(dir.path())
+                .expect("open")
+                .with_read_cache(),
+        );
+        let other = FileBackend::open(dir.path()).expect("open");
+        put(&other, "p", "default", &basic("v0"), SaveMode::Replace);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, stop) = (cached.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = access(&c, "p");
+                    }
+                })
+            })
+            .collect();
+        for i in 1..=200 {
+            put(
+                &other,
+                "p",
+                "default",
+                &basic(&format!("v{i}")),
+                SaveMode::Replace,
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.join().expect("reader");
+        }
+        assert!(
+            eventually(|| access(&cached, "p").as_deref() == Some("v200")),
+            "the last write wins"
+        );
+    }
+
+    #[test]
+    fn clear_wipes_and_disables_the_read_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cached = FileBackend::open(dir.path())
+            .expect("open")
+            .with_read_cache();
+        put(&cached, "p", "default", &basic("a"), SaveMode::Replace);
+        assert_eq!(access(&cached, "p").as_deref(), Some("a"));
+        assert!(cached.cached_token("p", "default").is_some());
+        cached.clear();
+        assert!(
+            cached.cached_token("p", "default").is_none(),
+            "nothing held after clear"
+        );
+        assert_eq!(
+            access(&cached, "p").as_deref(),
+            Some("a"),
+            "still served from disk"
+        );
+        assert!(
+            cached.cached_token("p", "default").is_none(),
+            "and not cached again"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -97,7 +98,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Every API key name, sorted.
     fn list_keys(&self) -> Result<Vec<String>, StoreError>;
 
-    /// Wipes every secret this backend holds in memory (called by shutdown). A file
-    /// backend holds none between calls, so this is a no-op for it.
+    /// Wipes every secret this backend holds in memory (called by shutdown): the memory
+    /// backend's contents, the file backend's read cache.
     fn clear(&self);
+
+    /// A token answered from memory without blocking, when the backend has it cached:
+    /// `Some(None)` means "known not stored". `None`: ask [`Backend::get_token`].
+    fn cached_token(&self, _provider: &str, _bucket: &str) -> Option<Option<Token>> {
+        None
+    }
+
+    /// An API key answered from memory without blocking (see [`Backend::cached_token`]).
+    fn cached_key(&self, _name: &str) -> Option<Option<Secret>> {
+        None
+    }
 }

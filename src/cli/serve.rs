@@ -116,7 +116,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     for name in &args.allow_key {
         profile.allow_key(name).map_err(Failure::usage)?;
     }
-    let backend = open_store(&args.store)?;
+    let backend = open_store(&args.store)?.with_read_cache();
     let mut config = Config::new(Arc::new(backend));
     config.profile = profile;
     config.socket_dir = args.socket_dir.clone();

@@ -2,6 +2,8 @@
 //! deadlines, and a raw-frame client that speaks bytes on the socket as an attacker would.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,279 @@
+//! A read cache for the file backend, kept honest by inotify.
+//!
+//! Reading a token file costs a trip to the blocking pool, four syscalls and a JSON parse;
+//! the cache lets the `CredentialStore` answer a repeated `get_token`/`get_api_key` on
+//! its own thread. Every directory of the store is watched, and ANY change in any of them
+//! (a write by this process, by `credproxy store`, or by another server sharing the
+//! store) drops the whole cache and bumps a generation counter. A read that started
+//! before a change is not cached (its generation is stale), so a value read before a
+//! write can never be stored after that write's invalidation. Writes made through this
+//! backend invalidate synchronously as well, so this process never serves its own stale
+//! value. The watcher adds a watch for a new directory before it invalidates, so no change
+//! inside it can be missed. An inotify queue overflow also drops everything.
+//!
+//! The cache holds secrets (tokens with their refresh tokens, API keys): they are wiped
+//! when dropped, and [`ReadCache::shutdown`] wipes and disables it and stops the watcher.
+//! When inotify is unavailable there is no cache and every read goes to disk.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+use crate::secret::Secret;
+use crate::token::Token;
+
+/// How often the watcher thread checks whether it should stop.
+const STOP_CHECK: Duration = Duration::from_millis(250);
+
+/// Entries kept at most; past it the cache starts over (a store has a handful of entries).
+const MAX_ENTRIES: usize = 4096;
+
+#[derive(Default)]
+struct State {
+    generation: u64,
+    enabled: bool,
+    /// provider → bucket → what the file held.
+    tokens: HashMap<String, HashMap<String, Option<Token>>>,
+    keys: HashMap<String, Option<Secret>>,
+}
+
+impl State {
+    fn entries(&self) -> usize {
+        self.tokens.values().map(HashMap::len).sum::<usize>() + self.keys.len()
+    }
+
+    fn invalidate(&mut self) {
+        self.generation += 1;
+        // Dropping the Tokens and Secrets wipes them.
+        self.tokens.clear();
+        self.keys.clear();
+    }
+}
+
+/// The cache and its watcher thread.
+#[derive(Debug)]
+pub struct ReadCache {
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "State(gen {}, {} tokens, {} keys)",
+            self.generation,
+            self.tokens.len(),
+            self.keys.len()
+        )
+    }
+}
+
+impl ReadCache {
+    /// Watches `store_dir` (and `tokens/`, `tokens/*/`, `keys/`) and starts the watcher
+    /// thread; `None` when inotify or the thread is unavailable.
+    pub fn start(store_dir: &Path) -> Option<ReadCache> {
+        let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::info!(error = %e, "no inotify: the file store is read from disk every time");
+                return None;
+            }
+        };
+        let mut watcher = Watcher {
+            inotify,
+            root: store_dir.to_owned(),
+            watched: HashMap::new(),
+        };
+        if let Err(e) = watcher.rescan() {
+            tracing::info!(error = %e, "cannot watch the store: it is read from disk every time");
+            return None;
+        }
+        let state = Arc::new(Mutex::new(State {
+            enabled: true,
+            ..State::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_state, thread_stop) = (Arc::clone(&state), Arc::clone(&stop));
+        let spawned = std::thread::Builder::new()
+            .name("credproxy-watch".into())
+            .spawn(move || watcher.run(&thread_state, &thread_stop));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the store watcher: no read cache");
+            return None;
+        }
+        Some(ReadCache { state, stop })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current generation: take it before a read, pass it to the `fill_*` call after.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// A cached token read: `Some(None)` for a cached "not stored".
+    pub fn token(&self, provider: &str, bucket: &str) -> Option<Option<Token>> {
+        let state = self.lock();
+        if !state.enabled {
+            return None;
+        }
+        state.tokens.get(provider)?.get(bucket).cloned()
+    }
+
+    /// Caches a token read that started at `generation`, unless anything changed since.
+    pub fn fill_token(&self, generation: u64, provider: &str, bucket: &str, value: &Option<Token>) {
+        let mut state = self.lock();
+        if !state.enabled || state.generation != generation {
+            return;
+        }
+        if state.entries() >= MAX_ENTRIES {
+            state.invalidate();
+            return;
+        }
+        state
+            .tokens
+            .entry(provider.to_owned())
+            .or_default()
+            .insert(bucket.to_owned(), value.clone());
+    }
+
+    /// A cached key read: `Some(None)` for a cached "not stored".
+    pub fn key(&self, name: &str) -> Option<Option<Secret>> {
+        let state = self.lock();
+        if !state.enabled {
+            return None;
+        }
+        state.keys.get(name).cloned()
+    }
+
+    /// Caches a key read that started at `generation`, unless anything changed since.
+    pub fn fill_key(&self, generation: u64, name: &str, value: &Option<Secret>) {
+        let mut state = self.lock();
+        if !state.enabled || state.generation != generation {
+            return;
+        }
+        if state.entries() >= MAX_ENTRIES {
+            state.invalidate();
+            return;
+        }
+        state.keys.insert(name.to_owned(), value.clone());
+    }
+
+    /// Drops everything (a write through this backend calls it before returning).
+    pub fn invalidate(&self) {
+        self.lock().invalidate();
+    }
+
+    /// Wipes and disables the cache and stops the watcher thread.
+    pub fn shutdown(&self) {
+        let mut state = self.lock();
+        state.invalidate();
+        state.enabled = false;
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReadCache {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Watcher {
+    inotify: Inotify,
+    root: PathBuf,
+    watched: HashMap<WatchDescriptor, PathBuf>,
+}
+
+impl Watcher {
+    fn mask() -> AddWatchFlags {
+        AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MODIFY
+            | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+            | AddWatchFlags::IN_DONT_FOLLOW
+            | AddWatchFlags::IN_ONLYDIR
+    }
+
+    /// Adds a watch for every store directory that exists and is not watched yet.
+    fn rescan(&mut self) -> nix::Result<()> {
+        let have: HashSet<PathBuf> = self.watched.values().cloned().collect();
+        let mut dirs = vec![
+            self.root.clone(),
+            self.root.join("tokens"),
+            self.root.join("keys"),
+        ];
+        if let Ok(entries) = std::fs::read_dir(self.root.join("tokens")) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        for dir in dirs {
+            if have.contains(&dir) || !dir.is_dir() {
+                continue;
+            }
+            match self.inotify.add_watch(&dir, Self::mask()) {
+                Ok(wd) => {
+                    self.watched.insert(wd, dir);
+                }
+                // The root must be watched; a subdirectory may vanish under us.
+                Err(e) if dir == self.root => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn run(mut self, state: &Mutex<State>, stop: &AtomicBool) {
+        let timeout =
+            PollTimeout::try_from(STOP_CHECK.as_millis() as i32).unwrap_or(PollTimeout::NONE);
+        while !stop.load(Ordering::Relaxed) {
+            let ready = {
+                let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, timeout).unwrap_or(0)
+            };
+            if ready == 0 {
+                continue;
+            }
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store watcher failed: read cache disabled");
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.invalidate();
+                    s.enabled = false;
+                    return;
+                }
+            };
+            if events.is_empty() {
+                continue;
+            }
+            for event in &events {
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    self.watched.remove(&event.wd);
+                }
+            }
+            // Watch new directories first, then invalidate: nothing can slip in between.
+            let _ = self.rescan();
+            state.lock().unwrap_or_else(|e| e.into_inner()).invalidate();
+        }
+    }
+}
