@@ -44,6 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+LOAD_PRE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "building (release)..." >&2
 cargo build --release --bin credproxy >&2
 CARGO_TARGET_DIR="$LOADGEN_TARGET" cargo build --release --manifest-path "$LOADGEN_SRC/Cargo.toml" >&2
@@ -61,7 +62,7 @@ for need in "$CONNS" "$IDLE"; do
   fi
 done
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "load average at start: $LOAD_START ($(nproc) CPUs)" >&2
+echo "load average before the build: $LOAD_PRE; after it: $LOAD_START ($(nproc) CPUs)" >&2
 
 mkdir -m 700 "$OUT/sock"
 printf '{"access_token":"soak-access-token","refresh_token":"soak-refresh-token","expiry":4102444800,"token_type":"Bearer"}' \
@@ -193,7 +194,7 @@ late_fds, late_at_s = $late_fds, $late_at_ms / 1000
 hold_seen = "$hold_start" != ""
 handshake_deadline = $HANDSHAKE_DEADLINE_S
 stop_rcs = ($soak_stop_rc, $idle_stop_rc)
-nofile, load_start = "$NOFILE", "$LOAD_START"
+nofile, load_pre, load_start = "$NOFILE", "$LOAD_PRE", "$LOAD_START"
 
 def last_json(path):
     try:
@@ -286,7 +287,9 @@ print(f"| RSS baseline / peak / after | {mib(base_rss)} / {mib(max(r['peak'] for
 print(f"| idle connections | {established} established, {held} still open at {late_at_s:.1f} s of {idle_dur} s |")
 print(f"| RSS idle: before / held | {mib(idle_base_rss)} / {mib(idle_peak)} MiB |")
 print(f"| RSS per idle connection | {per_conn:.2f} KiB |")
-print(f"| machine | {__import__('os').cpu_count()} CPUs, load avg at start {load_start}, ulimit -n {nofile} |")
+other = f"{s['other_load_cores']:.2f}" if s and "other_load_cores" in s else "?"
+print(f"| machine | {__import__('os').cpu_count()} CPUs; load avg before build {load_pre}, at soak start {load_start};"
+      f" other load during the soak {other} cores; ulimit -n {nofile} |")
 print(f"| checks | {sum(checks)}/{len(checks)} PASS |")
 sys.exit(0 if all(checks) else 1)
 PY

@@ -6,12 +6,11 @@
 mod common;
 
 use std::fs;
-use std::ops::Deref;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::process::{
-    self, sanitized, sockets_in, token_json, Canaries, Env, Run, Server, Stdin, TempDirs, BIN,
+    self, sanitized, sockets_in, token_json, Canaries, Env, Fixture, Run, Server, Stdin, BIN,
 };
 use common::{code, data, Raw};
 use nix::sys::signal::Signal;
@@ -75,22 +74,8 @@ fn credproxy(args: &[&str], stdin: &[u8]) -> Run {
     run_program(BIN, args, stdin, &[])
 }
 
-/// The shared temporary store and 0700 socket directory, with the `store` and `serve`
-/// commands run on them.
-struct Fixture(TempDirs);
-
-impl Deref for Fixture {
-    type Target = TempDirs;
-    fn deref(&self) -> &TempDirs {
-        &self.0
-    }
-}
-
+/// The `store` and `serve` commands run on the fixture's directories.
 impl Fixture {
-    fn new() -> Fixture {
-        Fixture(TempDirs::new())
-    }
-
     /// `credproxy store ARGS --store DIR` with optional extra env (RUST_LOG).
     fn store_env(&self, args: &[&str], stdin: &[u8], envs: &[(&str, &str)]) -> Run {
         let mut all = vec!["store"];
@@ -122,15 +107,7 @@ impl Fixture {
     }
 
     fn serve_env(&self, extra: &[&str], envs: &[(&str, &str)]) -> Server {
-        let mut args = vec![
-            "serve",
-            "--store",
-            self.store_str(),
-            "--socket-dir",
-            self.sock_str(),
-        ];
-        args.extend_from_slice(extra);
-        Server::start(&args, Env::PLAIN.with(envs))
+        self.start_serve(extra, Env::PLAIN.with(envs))
     }
 }
 

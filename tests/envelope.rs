@@ -10,25 +10,6 @@ fn providers_data() -> Value {
     json!({"providers": ["anthropic", "gemini"]})
 }
 
-/// Asserts an error reply with exactly the keys `v`, `id`, `ok`, `code`, `error`, the given
-/// id and code, and a non-empty message.
-fn assert_error(reply: &Value, id: &str, expected_code: &str) {
-    let obj = reply.as_object().expect("reply is an object");
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(
-        keys,
-        ["code", "error", "id", "ok", "v"],
-        "reply keys: {reply}"
-    );
-    assert_eq!(reply["v"], json!(1), "reply: {reply}");
-    assert_eq!(reply["id"], json!(id), "reply: {reply}");
-    assert_eq!(reply["ok"], json!(false), "reply: {reply}");
-    assert_eq!(reply["code"], json!(expected_code), "reply: {reply}");
-    let error = reply["error"].as_str().expect("error is a string");
-    assert!(!error.is_empty(), "empty error message: {reply}");
-}
-
 /// Sends a raw request value and returns the next reply.
 fn send_recv(raw: &mut Raw, request: &Value) -> Value {
     raw.send(request);
@@ -48,7 +29,7 @@ fn assert_open(raw: &mut Raw) {
 /// Sends `request`, expects `INVALID_REQUEST` for `id`, then checks the connection is open.
 fn assert_invalid_then_open(raw: &mut Raw, request: Value, id: &str) {
     let reply = send_recv(raw, &request);
-    assert_error(&reply, id, "INVALID_REQUEST");
+    assert_err(&reply, id, "INVALID_REQUEST");
     assert_open(raw);
 }
 
@@ -305,7 +286,7 @@ fn payload_type_is_checked_before_the_operation_name() {
         &mut raw,
         &json!({"v":1,"id":"ord","op":"no_such_op","payload":[]}),
     );
-    assert_error(&reply, "ord", "INVALID_REQUEST");
+    assert_err(&reply, "ord", "INVALID_REQUEST");
     assert_ne!(
         reply["error"],
         json!("unknown operation: no_such_op"),
@@ -390,7 +371,7 @@ fn connection_stays_open_across_a_run_of_envelope_errors() {
     ];
     for (request, id) in &bad {
         let reply = send_recv(&mut raw, request);
-        assert_error(&reply, id, "INVALID_REQUEST");
+        assert_err(&reply, id, "INVALID_REQUEST");
     }
     assert_open(&mut raw);
     let reply = raw.call("tok", "get_token", json!({"provider":"anthropic"}));

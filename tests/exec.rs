@@ -9,17 +9,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use common::process::{
-    self, drain, path_str, sanitized, strings, token_json, Canaries, ChildGuard, Env, Run, Stdin,
-    TempDirs, BIN, DEADLINE,
+    self, drain, path_str, sanitized, spawn_piped, strings, token_json, Canaries, ChildGuard, Env,
+    Fixture, Run, Stdin, BIN, DEADLINE,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -97,13 +95,7 @@ struct Live {
 impl Live {
     fn spawn(args: &[String], envs: &[(&str, &str)]) -> Live {
         let env = Env::ISOLATED.with(envs);
-        let mut child = env
-            .command(BIN, args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy exec");
+        let mut child = spawn_piped(&mut env.command(BIN, args)).expect("spawn credproxy exec");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = drain(child.stderr.take().expect("stderr"));
         let (tx, lines) = mpsc::channel();
@@ -187,21 +179,11 @@ impl Live {
     }
 }
 
-/// The shared temporary directories with a seeded file store.
-struct Fixture(TempDirs);
-
-impl Deref for Fixture {
-    type Target = TempDirs;
-    fn deref(&self) -> &TempDirs {
-        &self.0
-    }
-}
-
 impl Fixture {
     /// Store: anthropic:default (canaries), anthropic:work, openai:default, and the API
     /// keys anthropic (canary) and openai.
-    fn new() -> Fixture {
-        let f = Fixture(TempDirs::new());
+    fn seeded() -> Fixture {
+        let f = Fixture::new();
         f.seed_token("anthropic", "default", CANARY_AT, CANARY_RT);
         f.seed_token("anthropic", "work", "at-anthropic-work", CANARY_RT);
         f.seed_token("openai", "default", "at-openai-default", CANARY_RT);
@@ -300,7 +282,7 @@ fn strip_ansi(text: &str) -> String {
 
 #[test]
 fn cmd_runs_only_once_the_proxy_listens_with_the_socket_in_its_environment() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     // CMD connects at once, with no retry of its own: it must find a listening socket.
     for round in 0..5 {
         let run = f.exec(
@@ -339,7 +321,7 @@ exec "$1" token get anthropic"#)),
 
 #[test]
 fn exec_exits_with_the_exit_status_of_cmd() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     for (script, want) in [
         ("exit 0", 0),
         ("exit 7", 7),
@@ -357,7 +339,7 @@ fn exec_exits_with_the_exit_status_of_cmd() {
 
 #[test]
 fn exec_exits_128_plus_n_when_cmd_is_killed_by_signal_n() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     for (script, want) in [
         ("kill -TERM $$", 143),
         ("kill -KILL $$", 137),
@@ -372,7 +354,7 @@ fn exec_exits_128_plus_n_when_cmd_is_killed_by_signal_n() {
 
 #[test]
 fn the_socket_file_is_gone_after_exec_exits() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     for end in ["exit 0", "exit 7", "kill -TERM $$"] {
         let script = format!("echo \"$LLXPRT_CREDENTIAL_SOCKET\"\n{end}");
         let run = f.exec(&["--allow", "anthropic"], &["/bin/sh", "-c", &script]);
@@ -391,7 +373,7 @@ fn the_socket_file_is_gone_after_exec_exits() {
 
 #[test]
 fn cmd_inherits_the_stdin_and_the_environment_of_exec() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     // CMD reads exec's stdin and sees exec's environment besides the socket variable.
     let script = "read line; echo \"got:$line:$CREDPROXY_TEST_VAR\"";
     let args = f.exec_args(&["--allow", "anthropic"], &["/bin/sh", "-c", script]);
@@ -420,7 +402,7 @@ fn cmd_inherits_the_stdin_and_the_environment_of_exec() {
 
 #[test]
 fn exec_takes_the_other_serve_options() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let script = probes(&["token list", "key list", "token get openai"]);
     let run = f.exec(
         &["--allow-all", "--rate-limit", "0", "--log-format", "text"],
@@ -442,7 +424,7 @@ fn exec_takes_the_other_serve_options() {
 
 #[test]
 fn without_socket_dir_exec_uses_the_per_user_directory_in_tmpdir() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let tmpdir = f.tmp.path().join("tmpdir");
     fs::create_dir(&tmpdir).expect("mkdir");
     let args = vec![
@@ -486,7 +468,7 @@ fn without_socket_dir_exec_uses_the_per_user_directory_in_tmpdir() {
 
 /// CMD traps `name`, says ready, and loops; `signal` sent to credproxy must reach it.
 fn assert_forwarded(signal: Signal, name: &str) {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let script =
         format!("trap 'echo got-{name}; exit 9' {name}\necho ready\nwhile :; do sleep 0.05; done");
     let mut live = f.live(&["--allow", "anthropic"], &["/bin/sh", "-c", &script]);
@@ -521,7 +503,7 @@ fn sigint_is_forwarded_to_cmd() {
 #[test]
 fn the_proxy_keeps_serving_while_cmd_handles_a_forwarded_signal() {
     for (signal, name) in [(Signal::SIGTERM, "TERM"), (Signal::SIGINT, "INT")] {
-        let f = Fixture::new();
+        let f = Fixture::seeded();
         let script = format!(
             "trap '\"$1\" token get anthropic; echo \"rc=$?\"; exit 9' {name}\n\
              echo ready\nwhile :; do sleep 0.05; done"
@@ -544,7 +526,7 @@ fn the_proxy_keeps_serving_while_cmd_handles_a_forwarded_signal() {
 
 /// CMD traps and ignores the stop signals; the second one makes credproxy kill it.
 fn assert_escalates(first: Signal, second: Signal) {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let script = "trap 'echo got-stop' TERM INT\necho ready\nwhile :; do sleep 0.05; done";
     let mut live = f.live(&["--allow", "anthropic"], &["/bin/sh", "-c", script]);
     live.wait_line("ready");
@@ -573,7 +555,7 @@ fn a_second_sigint_kills_cmd_and_exits_137() {
 
 #[test]
 fn sighup_does_not_count_towards_escalation() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let script = "trap 'echo got-hup' HUP\ntrap 'echo got-term; exit 5' TERM\necho ready\n\
                   while :; do sleep 0.05; done";
     let mut live = f.live(&["--allow", "anthropic"], &["/bin/sh", "-c", script]);
@@ -593,7 +575,7 @@ fn sighup_does_not_count_towards_escalation() {
 
 #[test]
 fn a_proxy_that_cannot_start_never_runs_cmd() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let cmd = f.marker_cmd();
     let cmd = refs(&cmd);
 
@@ -649,7 +631,7 @@ fn a_proxy_that_cannot_start_never_runs_cmd() {
 
 #[test]
 fn exec_without_a_command_is_a_usage_error() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let mut args = f.exec_args(&["--allow", "anthropic"], &[]);
     args.pop(); // "--"
     let run = run_program(BIN, &args, &[]);
@@ -660,7 +642,7 @@ fn exec_without_a_command_is_a_usage_error() {
 
 #[test]
 fn a_cmd_that_is_not_found_exits_127_after_cleaning_up() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let absolute = f.tmp.path().join("no-such-command");
     let absolute = path_str(&absolute);
     for cmd in [absolute.as_str(), "credproxy-no-such-command-3f9e"] {
@@ -677,7 +659,7 @@ fn a_cmd_that_is_not_found_exits_127_after_cleaning_up() {
 
 #[test]
 fn a_cmd_that_is_not_executable_exits_126_after_cleaning_up() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let script = f.tmp.path().join("script.sh");
     fs::write(
         &script,
@@ -714,7 +696,7 @@ fn probes(commands: &[&str]) -> String {
 
 #[test]
 fn a_profile_allows_what_it_lists_and_nothing_else() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let profile = f.profile(
         "p.toml",
         "# the sandbox's grants\nallow = [\"anthropic\"]\n",
@@ -737,7 +719,7 @@ fn a_profile_allows_what_it_lists_and_nothing_else() {
 
 #[test]
 fn flags_add_to_the_profile() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let profile = f.profile("p.toml", "allow = [\"anthropic\"]\n");
     let script = probes(&[
         "key get openai",
@@ -774,7 +756,7 @@ fn flags_add_to_the_profile() {
 
 #[test]
 fn a_malformed_profile_names_the_file_and_the_line() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let cmd = f.marker_cmd();
     for (name, text, line, needle) in [
         (
@@ -811,7 +793,7 @@ fn a_malformed_profile_names_the_file_and_the_line() {
 
 #[test]
 fn json_logs_are_one_object_per_line_with_request_lines_and_no_secret() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let saved = f.tmp.path().join("saved.json");
     fs::write(&saved, token_json(CANARY_SAVED_AT, CANARY_SAVED_RT)).expect("write");
     let script = format!(
@@ -909,7 +891,7 @@ exec \"$1\" token list >/dev/null",
 
 #[test]
 fn text_logs_at_debug_show_connections_with_peer_uid_and_pid() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let run = f.exec_env(
         &["--allow", "anthropic"],
         &refs(&sh(

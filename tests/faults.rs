@@ -22,7 +22,7 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::process::{ChildGuard, Env, FirstLine, TempDirs as Fixture, BIN, SOCKET_PREFIX};
+use common::process::{spawn_piped, ChildGuard, Env, FirstLine, Fixture, BIN, SOCKET_PREFIX};
 use common::{code, data, frame, short_limits, Raw};
 use credproxy::backend::{Backend, FileBackend, MemoryBackend, SaveMode};
 use credproxy::secret::Secret;
@@ -60,13 +60,7 @@ impl Server {
     /// default level (info).
     fn start(mut cmd: Command) -> Server {
         let env = Env::PLAIN;
-        let mut child = env
-            .apply(&mut cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy serve");
+        let mut child = spawn_piped(env.apply(&mut cmd)).expect("spawn credproxy serve");
         let pid = child.id() as i32;
         let stdout = FirstLine::read(child.stdout.take().expect("stdout"));
         let stderr_pipe = child.stderr.take().expect("stderr");

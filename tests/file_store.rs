@@ -123,24 +123,10 @@ fn sanitized(mut v: Value) -> Value {
     v
 }
 
-/// The exact success reply to `id` with `data`.
-fn ok(id: &str, data: Value) -> Value {
-    json!({"v": 1, "id": id, "ok": true, "data": data})
-}
-
 /// Asserts an `INTERNAL_ERROR` reply of exactly `{"v","id","ok","code","error"}` whose
 /// message says nothing of the store: no path, no file content, no internal error text.
 fn assert_internal(reply: &Value, id: &str, store_dir: &Path) {
-    let obj = reply.as_object().expect("reply is an object");
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["code", "error", "id", "ok", "v"], "{reply}");
-    assert_eq!(reply["v"], json!(1), "{reply}");
-    assert_eq!(reply["id"], json!(id), "{reply}");
-    assert_eq!(reply["ok"], json!(false), "{reply}");
-    assert_eq!(reply["code"], json!("INTERNAL_ERROR"), "{reply}");
-    let message = reply["error"].as_str().expect("error is a string");
-    assert!(!message.is_empty(), "{reply}");
+    let message = assert_err(reply, id, "INTERNAL_ERROR");
     let dir = store_dir.to_string_lossy();
     let forbidden = [
         dir.as_ref(),

@@ -56,20 +56,6 @@ fn assert_closed_at_deadline(elapsed: Duration, deadline: Duration) {
     );
 }
 
-/// Asserts the single error frame sent before a close on a malformed body (§3): exactly
-/// `v`, `ok`, `code`, `error`, with no `id`.
-fn assert_malformed_frame_reply(reply: &Value) {
-    let obj = reply.as_object().expect("reply is an object");
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["code", "error", "ok", "v"], "reply keys: {reply}");
-    assert_eq!(reply["v"], json!(1));
-    assert_eq!(reply["ok"], json!(false));
-    assert_eq!(reply["code"], json!("INVALID_REQUEST"));
-    let error = reply["error"].as_str().expect("error is a string");
-    assert!(!error.is_empty(), "empty error message");
-}
-
 /// Sends `body` as one frame on a fresh handshaken connection and expects the §3 error
 /// frame, then a close.
 fn assert_rejected_and_closed(server: &TestServer, body: &[u8]) {

@@ -13,7 +13,10 @@
 //! connections) are separate tests under the same two checks.
 
 mod common;
-use common::{allow_all, frame, short_limits, token, Raw, REPLY_WAIT};
+use common::{
+    allow_all, assert_err, assert_malformed_frame_reply, frame, short_limits, token, Raw,
+    REPLY_WAIT,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -1280,20 +1283,7 @@ fn token_cases() -> Vec<Case> {
 
 /// Asserts the shape every error reply with an id has (§5).
 fn assert_error_reply(reply: &Value, id: &str, code: &str, msg: Option<&str>) {
-    let obj = reply.as_object().expect("reply is an object");
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(
-        keys,
-        ["code", "error", "id", "ok", "v"],
-        "reply keys: {reply}"
-    );
-    assert_eq!(reply["v"], json!(1), "reply: {reply}");
-    assert_eq!(reply["ok"], json!(false), "reply: {reply}");
-    assert_eq!(reply["id"], json!(id), "reply id: {reply}");
-    assert_eq!(reply["code"], json!(code), "reply code: {reply}");
-    let error = reply["error"].as_str().expect("error is a string");
-    assert!(!error.is_empty(), "empty error message: {reply}");
+    let error = assert_err(reply, id, code);
     if let Some(msg) = msg {
         assert!(error.contains(msg), "error {error:?} lacks {msg:?}");
     }
@@ -1363,17 +1353,7 @@ fn run_case(h: &Harness, c: &Case) {
         }
         Expect::ErrorThenClose => {
             let reply = raw.try_recv().expect("the §3 error frame before the close");
-            let obj = reply.as_object().expect("reply is an object");
-            let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-            keys.sort_unstable();
-            assert_eq!(keys, ["code", "error", "ok", "v"], "reply keys: {reply}");
-            assert_eq!(reply["v"], json!(1));
-            assert_eq!(reply["ok"], json!(false));
-            assert_eq!(reply["code"], json!("INVALID_REQUEST"));
-            assert!(
-                reply["error"].as_str().is_some_and(|e| !e.is_empty()),
-                "error: {reply}"
-            );
+            assert_malformed_frame_reply(&reply);
             raw.expect_closed();
         }
         Expect::HandshakeErrorThenClose { code, error } => {

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use common::process::{self, sanitized, token_json, Canaries, Env, Run, Stdin, TempDirs, BIN};
+use common::process::{self, sanitized, token_json, Canaries, Env, Fixture, Run, Stdin, BIN};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
@@ -74,21 +74,11 @@ fn credproxy(args: &[&str], stdin: &[u8], envs: &[(&str, &str)]) -> Run {
     run
 }
 
-/// The shared temporary directories with a seeded file store.
-struct Fixture(TempDirs);
-
-impl Deref for Fixture {
-    type Target = TempDirs;
-    fn deref(&self) -> &TempDirs {
-        &self.0
-    }
-}
-
 impl Fixture {
     /// The store: tokens gemini:default, anthropic:work, anthropic:default (canaries),
     /// openai:default (each with a refresh token), keys openai and anthropic (canary).
-    fn new() -> Fixture {
-        let f = Fixture(TempDirs::new());
+    fn seeded() -> Fixture {
+        let f = Fixture::new();
         // Written out of order: the lists must come back sorted.
         f.set_token("gemini", "default", "at-gemini-default");
         f.set_token("anthropic", "work", "at-anthropic-work");
@@ -126,15 +116,7 @@ impl Fixture {
 
     /// `credproxy serve --store S --socket-dir D EXTRA...`, running until dropped.
     fn serve(&self, extra: &[&str]) -> Server {
-        let mut args = vec![
-            "serve",
-            "--store",
-            self.store_str(),
-            "--socket-dir",
-            self.sock_str(),
-        ];
-        args.extend_from_slice(extra);
-        Server(process::Server::start(&args, SERVE_ENV))
+        Server(self.start_serve(extra, SERVE_ENV))
     }
 }
 
@@ -198,7 +180,7 @@ fn one_json_line(run: &Run) -> Value {
 
 #[test]
 fn token_get_prints_the_sanitized_token_json() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     let run = server.run(&["token", "get", "anthropic"]);
     run.ok();
@@ -236,7 +218,7 @@ fn token_get_prints_the_sanitized_token_json() {
 
 #[test]
 fn key_get_prints_the_key_alone_newline_terminated() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic", "--allow-key", "openai"]);
     let run = server.run(&["key", "get", "anthropic"]);
     run.ok();
@@ -249,7 +231,7 @@ fn key_get_prints_the_key_alone_newline_terminated() {
 
 #[test]
 fn lists_print_one_name_per_line_sorted_or_a_json_array() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow-all"]);
 
     let run = server.run(&["token", "list"]);
@@ -280,7 +262,7 @@ fn lists_print_one_name_per_line_sorted_or_a_json_array() {
 
 #[test]
 fn key_has_exits_0_when_the_key_exists_and_1_when_not() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic", "--allow-key", "mistral"]);
     let run = server.run(&["key", "has", "anthropic"]);
     run.ok();
@@ -293,7 +275,7 @@ fn key_has_exits_0_when_the_key_exists_and_1_when_not() {
 
 #[test]
 fn token_stats_prints_the_bucket_usage_as_json() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     for _ in 0..3 {
         server.run(&["token", "get", "anthropic"]).ok();
@@ -321,7 +303,7 @@ fn token_stats_prints_the_bucket_usage_as_json() {
 
 #[test]
 fn token_save_reads_stdin_and_the_sandbox_refresh_token_is_not_stored() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     let incoming = json!({
         "access_token": "at-from-sandbox",
@@ -370,7 +352,7 @@ fn token_save_reads_stdin_and_the_sandbox_refresh_token_is_not_stored() {
 
 #[test]
 fn token_remove_deletes_the_stored_token() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     let run = server.run(&["token", "remove", "anthropic", "--bucket", "work"]);
     run.ok();
@@ -392,7 +374,7 @@ fn token_remove_deletes_the_stored_token() {
 
 #[test]
 fn exit_1_for_not_found() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic", "--allow-key", "mistral"]);
     server
         .run(&["token", "get", "anthropic", "--bucket", "nosuch"])
@@ -410,7 +392,7 @@ fn exit_1_for_not_found() {
 
 #[test]
 fn exit_2_for_usage_errors() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     for args in [
         vec!["token", "get"],
@@ -447,7 +429,7 @@ fn a_usage_error_names_the_missing_argument_on_its_one_line() {
 
 #[test]
 fn exit_3_for_refusals_naming_the_code() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     server
         .run(&["token", "get", "openai"])
@@ -480,7 +462,7 @@ fn exit_3_for_refusals_naming_the_code() {
 
 #[test]
 fn exit_4_when_the_proxy_is_unreachable() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let missing = f.tmp.path().join("no-such.sock");
     let missing = missing.to_str().expect("utf-8");
     for args in [
@@ -539,7 +521,7 @@ fn exit_4_when_the_connection_is_lost() {
 
 #[test]
 fn exit_5_when_the_proxy_fails_internally() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     // A corrupted file in the host's store: the proxy cannot read it.
     fs::write(
@@ -598,7 +580,7 @@ fn help_documents_the_exit_codes() {
 
 #[test]
 fn exit_4_when_the_socket_path_is_a_directory() {
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let server = f.serve(&["--allow", "anthropic"]);
     assert_eq!(server.socket.parent(), Some(Path::new(&f.sock)));
     let dir = f.sock.to_str().expect("utf-8");

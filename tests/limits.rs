@@ -23,14 +23,6 @@ use serde_json::{json, Value};
 
 // ---- helpers ----
 
-fn ok(id: &str, data: Value) -> Value {
-    json!({"v": 1, "id": id, "ok": true, "data": data})
-}
-
-fn seeded_token(access: &str) -> Value {
-    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer", "scope": null})
-}
-
 /// Asserts an error reply with exactly the keys of PROTOCOL.md §5 (plus `retryAfter` for
 /// `RATE_LIMITED`) and returns its message.
 fn assert_err<'a>(reply: &'a Value, id: &str, code: &str) -> &'a str {

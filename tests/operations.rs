@@ -20,32 +20,6 @@ use serde_json::{json, Value};
 
 // ---- helpers ----
 
-/// Asserts an error reply of exactly `{"v":1,"id":id,"ok":false,"code":code,"error":"..."}`
-/// with a non-empty message, and returns the message.
-fn assert_err<'a>(reply: &'a Value, id: &str, code: &str) -> &'a str {
-    let obj = reply.as_object().expect("reply is an object");
-    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["code", "error", "id", "ok", "v"], "{reply}");
-    assert_eq!(reply["v"], json!(1), "{reply}");
-    assert_eq!(reply["id"], json!(id), "{reply}");
-    assert_eq!(reply["ok"], json!(false), "{reply}");
-    assert_eq!(reply["code"], json!(code), "{reply}");
-    let message = reply["error"].as_str().expect("error is a string");
-    assert!(!message.is_empty(), "{reply}");
-    message
-}
-
-/// The exact success reply to `id` with `data`.
-fn ok(id: &str, data: Value) -> Value {
-    json!({"v": 1, "id": id, "ok": true, "data": data})
-}
-
-/// The sanitized form of the seeded tokens (common::token without its refresh token).
-fn seeded_token(access: &str) -> Value {
-    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer", "scope": null})
-}
-
 /// What the backend holds for `provider:bucket`, refresh token included.
 fn stored(backend: &MemoryBackend, provider: &str, bucket: &str) -> Option<Value> {
     backend

@@ -10,12 +10,11 @@
 mod common;
 
 use std::fs;
-use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::process::{
-    path_str, sanitized, strings, token_json, try_run, Canaries, Env, Run, Stdin, TempDirs, BIN,
+    path_str, sanitized, strings, token_json, try_run, Canaries, Env, Fixture, Run, Stdin, BIN,
 };
 use serde_json::Value;
 
@@ -105,20 +104,10 @@ fn skip(reason: Result<(), String>, test: &str) -> bool {
     }
 }
 
-/// The shared temporary directories with a seeded store.
-struct Fixture(TempDirs);
-
-impl Deref for Fixture {
-    type Target = TempDirs;
-    fn deref(&self) -> &TempDirs {
-        &self.0
-    }
-}
-
 impl Fixture {
     /// The store: anthropic:default with canaries, and the API key anthropic.
-    fn new() -> Fixture {
-        let f = Fixture(TempDirs::new());
+    fn seeded() -> Fixture {
+        let f = Fixture::new();
         f.seed(
             &["token", "set", "anthropic"],
             token_json(CANARY_AT, CANARY_RT).as_bytes(),
@@ -179,7 +168,7 @@ fn a_sandbox_seeing_only_the_socket_directory_gets_the_token() {
     if skip(sandbox_available(), "fresh mount namespace") {
         return;
     }
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let mut cmd = strings(&["bwrap"]);
     cmd.extend(bwrap_args(&f.sock, &[]));
     cmd.extend(strings(&["--", "/bin/sh", "-c", INSIDE, "sh"]));
@@ -217,7 +206,7 @@ fn a_sandbox_in_its_own_user_namespace_gets_the_token() {
     ) {
         return;
     }
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     let mut cmd = strings(&["bwrap"]);
     cmd.extend(bwrap_args(
         &f.sock,
@@ -257,7 +246,7 @@ fn a_sandbox_running_as_another_uid_is_refused_by_the_peer_check() {
         return;
     }
 
-    let f = Fixture::new();
+    let f = Fixture::seeded();
     // Let uid 65534 reach the socket directory's path (the store itself stays 0700).
     fs::set_permissions(f.tmp.path(), fs::Permissions::from_mode(0o711)).expect("chmod tmp");
     // CMD relaxes the socket's modes once it exists, so that only the peer check stands;

@@ -1,5 +1,6 @@
 //! Shared test helpers: start a real server on a unique temporary directory with short
 //! deadlines, and a raw-frame client that speaks bytes on the socket as an attacker would.
+//! [`process`] drives the real binary as a child process.
 #![allow(dead_code)]
 
 pub mod process;
@@ -229,6 +230,46 @@ pub fn code(reply: &Value) -> &str {
 pub fn data(reply: &Value) -> &Value {
     assert_eq!(reply["ok"], json!(true), "expected success: {reply}");
     &reply["data"]
+}
+
+/// Asserts an error reply of exactly `{"v":1,"id":id,"ok":false,"code":code,"error":"..."}`
+/// with a non-empty message, and returns the message.
+pub fn assert_err<'a>(reply: &'a Value, id: &str, code: &str) -> &'a str {
+    let obj = reply.as_object().expect("reply is an object");
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "error", "id", "ok", "v"], "{reply}");
+    assert_eq!(reply["v"], json!(1), "{reply}");
+    assert_eq!(reply["id"], json!(id), "{reply}");
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["code"], json!(code), "{reply}");
+    let message = reply["error"].as_str().expect("error is a string");
+    assert!(!message.is_empty(), "{reply}");
+    message
+}
+
+/// Asserts the single error frame sent before a close on a malformed body (§3): exactly
+/// `v`, `ok`, `code`, `error`, with no `id`.
+pub fn assert_malformed_frame_reply(reply: &Value) {
+    let obj = reply.as_object().expect("reply is an object");
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "error", "ok", "v"], "reply keys: {reply}");
+    assert_eq!(reply["v"], json!(1));
+    assert_eq!(reply["ok"], json!(false));
+    assert_eq!(reply["code"], json!("INVALID_REQUEST"));
+    let error = reply["error"].as_str().expect("error is a string");
+    assert!(!error.is_empty(), "empty error message");
+}
+
+/// The exact success reply to `id` with `data`.
+pub fn ok(id: &str, data: Value) -> Value {
+    json!({"v": 1, "id": id, "ok": true, "data": data})
+}
+
+/// The sanitized form of the seeded tokens (`token` without its refresh token).
+pub fn seeded_token(access: &str) -> Value {
+    json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer", "scope": null})
 }
 
 /// A backend whose `get_token` takes `delay` (on the blocking pool); everything else is

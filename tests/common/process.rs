@@ -96,6 +96,14 @@ impl Env<'_> {
     }
 }
 
+/// Spawns `cmd` with stdin `/dev/null` and stdout and stderr piped.
+pub fn spawn_piped(cmd: &mut Command) -> io::Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
 // ---------------------------------------------------------------------------------------
 // Children
 // ---------------------------------------------------------------------------------------
@@ -329,13 +337,7 @@ impl Server {
     /// Spawns `credproxy ARGS` (stdin `/dev/null`) and waits (up to `DEADLINE`) for its
     /// socket line.
     pub fn start(args: &[&str], env: Env) -> Server {
-        let mut child = env
-            .command(BIN, args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credproxy serve");
+        let mut child = spawn_piped(&mut env.command(BIN, args)).expect("spawn credproxy serve");
         let stdout = FirstLine::read(child.stdout.take().expect("stdout"));
         let stderr = drain(child.stderr.take().expect("stderr"));
         let mut child = ChildGuard::new(child, env.own_group);
@@ -387,21 +389,22 @@ impl Server {
 // ---------------------------------------------------------------------------------------
 
 /// A private temporary directory with a store path (`store`, not created) and a 0700
-/// socket directory (`sock`).
-pub struct TempDirs {
+/// socket directory (`sock`). Test files add their own methods (seeded constructors, the
+/// commands they run on it) in their own `impl Fixture` blocks.
+pub struct Fixture {
     pub tmp: tempfile::TempDir,
     pub store: PathBuf,
     pub sock: PathBuf,
 }
 
-impl TempDirs {
-    pub fn new() -> TempDirs {
+impl Fixture {
+    pub fn new() -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = tmp.path().join("store");
         let sock = tmp.path().join("sock");
         fs::create_dir(&sock).expect("mkdir sock");
         fs::set_permissions(&sock, fs::Permissions::from_mode(0o700)).expect("chmod sock");
-        TempDirs { tmp, store, sock }
+        Fixture { tmp, store, sock }
     }
 
     pub fn store_str(&self) -> &str {
@@ -415,6 +418,19 @@ impl TempDirs {
     /// The `.sock` files in the socket directory.
     pub fn sockets(&self) -> Vec<PathBuf> {
         sockets_in(&self.sock)
+    }
+
+    /// Starts `credproxy serve --store DIR --socket-dir SOCK EXTRA...` with `env`.
+    pub fn start_serve(&self, extra: &[&str], env: Env) -> Server {
+        let mut args = vec![
+            "serve",
+            "--store",
+            self.store_str(),
+            "--socket-dir",
+            self.sock_str(),
+        ];
+        args.extend_from_slice(extra);
+        Server::start(&args, env)
     }
 
     /// `credproxy store ARGS --store DIR` with `stdin` (`Env::ISOLATED`), which must exit 0.
