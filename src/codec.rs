@@ -16,13 +16,22 @@ pub const MAX_FRAME_LEN: usize = 65_536;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 4;
 
-/// What the decoder yields.
-#[derive(Debug, PartialEq, Eq)]
+/// What the decoder yields. `Debug` shows a frame's length, never its bytes.
+#[derive(PartialEq, Eq)]
 pub enum FrameEvent {
     /// The first byte of a new frame arrived; the frame is not complete yet.
     Started,
     /// A complete frame body.
     Frame(Bytes),
+}
+
+impl std::fmt::Debug for FrameEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameEvent::Started => f.write_str("Started"),
+            FrameEvent::Frame(body) => write!(f, "Frame({} bytes)", body.len()),
+        }
+    }
 }
 
 /// A framing failure; the stream cannot be resynchronised after one.

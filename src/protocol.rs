@@ -221,7 +221,6 @@ fn integer(value: &Value) -> Option<i128> {
 }
 
 /// A request whose envelope is well formed (§5); the operation is not checked yet.
-#[derive(Debug)]
 pub struct Envelope {
     /// The request id (an integer id already turned into its decimal string).
     pub id: String,
@@ -444,14 +443,35 @@ pub struct Target<'a> {
     pub key: Option<&'a str>,
 }
 
+/// Shows the id, the operation and the payload's field names, never their values (a
+/// payload may carry a token).
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("op", &self.op)
+            .field("payload_fields", &self.payload.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// The `data` of a success reply.
-#[derive(Debug)]
 pub enum ReplyData {
     /// A sanitized token.
     Token(Token),
     /// Any other JSON object (lists, stats, `{}`). API keys are carried here as
     /// `{"key": ...}` built at the last moment and wiped after serialization.
     Json(Value),
+}
+
+/// Shows the kind of data only: it may be a token or an API key.
+impl std::fmt::Debug for ReplyData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyData::Token(t) => f.debug_tuple("Token").field(t).finish(),
+            ReplyData::Json(_) => f.write_str("Json(..)"),
+        }
+    }
 }
 
 impl Serialize for ReplyData {

@@ -222,7 +222,12 @@ impl Session {
         }
         self.phase = Phase::Draining;
         self.close_reason = reason;
-        if let Some(handle) = self.reader.take() {
+        // Nothing more is read, so no partial frame can complete: its deadline must not
+        // cut the grace time short.
+        for handle in [self.reader.take(), self.partial_timer.take()]
+            .into_iter()
+            .flatten()
+        {
             ctx.cancel_future(handle);
         }
         if self.in_flight.is_empty() {

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -34,9 +34,15 @@ const STOP_CHECK: Duration = Duration::from_millis(250);
 /// Entries kept at most; past it the cache starts over (a store has a handful of entries).
 const MAX_ENTRIES: usize = 4096;
 
-#[derive(Default)]
+/// The cache starts over at least this often, whatever the watcher saw: a backstop that
+/// bounds staleness if an event is ever missed (a writer on another machine sharing a
+/// network filesystem produces none).
+const MAX_AGE: Duration = Duration::from_secs(2);
+
 struct State {
     generation: u64,
+    /// When the cache last started over.
+    since: Instant,
     enabled: bool,
     /// provider → bucket → what the file held.
     tokens: HashMap<String, HashMap<String, Option<Token>>>,
@@ -48,8 +54,26 @@ impl State {
         self.tokens.values().map(HashMap::len).sum::<usize>() + self.keys.len()
     }
 
+    fn new() -> State {
+        State {
+            generation: 0,
+            since: Instant::now(),
+            enabled: true,
+            tokens: HashMap::new(),
+            keys: HashMap::new(),
+        }
+    }
+
+    /// Starts over when the entries are older than [`MAX_AGE`].
+    fn expire(&mut self) {
+        if self.since.elapsed() > MAX_AGE {
+            self.invalidate();
+        }
+    }
+
     fn invalidate(&mut self) {
         self.generation += 1;
+        self.since = Instant::now();
         // Dropping the Tokens and Secrets wipes them.
         self.tokens.clear();
         self.keys.clear();
@@ -95,10 +119,7 @@ impl ReadCache {
             tracing::info!(error = %e, "cannot watch the store: it is read from disk every time");
             return None;
         }
-        let state = Arc::new(Mutex::new(State {
-            enabled: true,
-            ..State::default()
-        }));
+        let state = Arc::new(Mutex::new(State::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (thread_state, thread_stop) = (Arc::clone(&state), Arc::clone(&stop));
         let spawned = std::thread::Builder::new()
@@ -122,7 +143,8 @@ impl ReadCache {
 
     /// A cached token read: `Some(None)` for a cached "not stored".
     pub fn token(&self, provider: &str, bucket: &str) -> Option<Option<Token>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.expire();
         if !state.enabled {
             return None;
         }
@@ -148,7 +170,8 @@ impl ReadCache {
 
     /// A cached key read: `Some(None)` for a cached "not stored".
     pub fn key(&self, name: &str) -> Option<Option<Secret>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.expire();
         if !state.enabled {
             return None;
         }
@@ -233,8 +256,10 @@ impl Watcher {
                 Ok(wd) => {
                     self.watched.insert(wd, dir);
                 }
-                // The root must be watched; a subdirectory may vanish under us.
-                Err(e) if dir == self.root => return Err(e),
+                // A directory that exists but cannot be watched (watch limit reached, a
+                // symlink) would leave changes unseen: give the cache up. One that
+                // vanished meanwhile is fine.
+                Err(e) if dir == self.root || dir.is_dir() => return Err(e),
                 Err(_) => {}
             }
         }
@@ -267,13 +292,60 @@ impl Watcher {
                 continue;
             }
             for event in &events {
-                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
-                    self.watched.remove(&event.wd);
+                let gone = AddWatchFlags::IN_IGNORED
+                    | AddWatchFlags::IN_MOVE_SELF
+                    | AddWatchFlags::IN_DELETE_SELF;
+                if event.mask.intersects(gone) {
+                    // The path may now name another directory: forget this watch so the
+                    // rescan watches whatever is there now.
+                    if self.watched.remove(&event.wd).is_some()
+                        && !event.mask.contains(AddWatchFlags::IN_IGNORED)
+                    {
+                        let _ = self.inotify.rm_watch(event.wd);
+                    }
                 }
             }
             // Watch new directories first, then invalidate: nothing can slip in between.
-            let _ = self.rescan();
-            state.lock().unwrap_or_else(|e| e.into_inner()).invalidate();
+            let rescanned = self.rescan();
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.invalidate();
+            if let Err(e) = rescanned {
+                tracing::warn!(error = %e, "cannot watch a store directory: read cache disabled");
+                s.enabled = false;
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_expire_even_without_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ReadCache::start(dir.path()).expect("inotify on Linux");
+        let generation = cache.generation();
+        cache.fill_key(generation, "k", &Some(Secret::from("v")));
+        assert!(cache.key("k").is_some());
+        std::thread::sleep(MAX_AGE + Duration::from_millis(100));
+        assert!(
+            cache.key("k").is_none(),
+            "a missed event cannot keep a value past MAX_AGE"
+        );
+    }
+
+    #[test]
+    fn a_fill_that_raced_a_change_is_not_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ReadCache::start(dir.path()).expect("inotify on Linux");
+        let generation = cache.generation();
+        cache.invalidate(); // a change lands while the read is in progress
+        cache.fill_key(generation, "k", &Some(Secret::from("old")));
+        assert!(cache.key("k").is_none());
+        cache.shutdown();
+        cache.fill_key(cache.generation(), "k", &Some(Secret::from("v")));
+        assert!(cache.key("k").is_none(), "disabled after shutdown");
     }
 }

@@ -5,8 +5,8 @@
 //!    executable: 126, like a shell, after cleaning up).
 //! 3. Forward SIGINT, SIGTERM, SIGHUP and SIGQUIT to CMD and keep serving until it exits;
 //!    a second SIGINT/SIGTERM escalates to SIGKILL. A signal the terminal generated
-//!    (Ctrl-C) already reached CMD, which shares our foreground process group, so it is
-//!    not sent a second time.
+//!    (Ctrl-C) is not sent a second time when CMD is in the terminal's foreground process
+//!    group (it got it already); a CMD in its own session or group is sent it.
 //! 4. When CMD exits: `Shutdown`, wait for the cleanup, exit with CMD's status (128+N when
 //!    CMD was killed by signal N).
 
@@ -17,7 +17,8 @@ use std::sync::mpsc;
 
 use clap::Args;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::{getpgid, tcgetpgrp, Pid};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
@@ -41,7 +42,7 @@ pub struct ExecArgs {
 
 enum Event {
     Signal { signal: i32, from_terminal: bool },
-    Exited(std::io::Result<ExitStatus>),
+    Exited(std::io::Result<()>),
 }
 
 /// Runs `exec`; returns CMD's exit status.
@@ -62,7 +63,7 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
         .args(rest)
         .env(SOCKET_ENV, handle.socket_path())
         .spawn();
-    let mut child = match child {
+    let child = match child {
         Ok(child) => child,
         Err(e) => {
             signals_handle.close();
@@ -80,12 +81,21 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
         }
     };
     let pid = Pid::from_raw(child.id() as i32);
+    let mut child = child;
     tracing::info!(pid = child.id(), "command started");
 
     let (tx, rx) = mpsc::channel();
     let waiter_tx = tx.clone();
     std::thread::spawn(move || {
-        let _ = waiter_tx.send(Event::Exited(child.wait()));
+        // Wait WITHOUT reaping: until the main loop has stopped signalling and reaps the
+        // child itself, its pid cannot be recycled for an unrelated process.
+        let result = loop {
+            match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other.map(drop).map_err(std::io::Error::from),
+            }
+        };
+        let _ = waiter_tx.send(Event::Exited(result));
     });
     std::thread::spawn(move || {
         for origin in signals.forever() {
@@ -118,15 +128,17 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
                 if stops >= 2 && (sig == Signal::SIGINT || sig == Signal::SIGTERM) {
                     tracing::warn!(signal = %sig, "second stop signal: killing the command");
                     let _ = kill(pid, Signal::SIGKILL);
-                } else if !from_terminal {
+                } else if !(from_terminal && in_terminal_foreground(pid)) {
                     tracing::info!(signal = %sig, "forwarding signal to the command");
                     let _ = kill(pid, sig);
                 }
             }
-            Ok(Event::Exited(status)) => break status,
+            Ok(Event::Exited(waited)) => break waited,
             Err(_) => break Err(std::io::Error::other("command waiter vanished")),
         }
     };
+    // Now reap (the waiter only observed the exit).
+    let status = status.and_then(|()| child.wait());
     signals_handle.close();
     let report = handle.shutdown_blocking();
     if let Err(e) = &report {
@@ -134,6 +146,23 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     }
     let status = status.map_err(|e| Failure::new(format!("cannot wait for the command: {e}")))?;
     Ok(exit_code(status))
+}
+
+/// True when `pid`'s process group is the foreground group of our terminal: a signal the
+/// terminal generated (Ctrl-C, hangup) has then reached it already. A child in its own
+/// session or group (`setsid`, `bwrap --new-session`) did not get it and must be sent it.
+fn in_terminal_foreground(pid: Pid) -> bool {
+    let Ok(group) = getpgid(Some(pid)) else {
+        return false;
+    };
+    [
+        tcgetpgrp(std::io::stdin()),
+        tcgetpgrp(std::io::stderr()),
+        tcgetpgrp(std::io::stdout()),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|foreground| foreground == group)
 }
 
 /// CMD's exit status as ours: its code, or 128+N when signal N killed it.
