@@ -53,7 +53,7 @@ use crate::token::{Token, REFRESH_TOKEN};
 pub const SOCKET_ENV: &str = "LLXPRT_CREDENTIAL_SOCKET";
 
 /// The largest frame body, in bytes, in either direction (PROTOCOL.md §3).
-pub const MAX_FRAME: usize = 65_536;
+pub const MAX_FRAME: usize = crate::codec::MAX_FRAME_LEN;
 
 /// The protocol version this client speaks.
 const VERSION: u64 = 1;

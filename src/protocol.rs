@@ -3,6 +3,12 @@
 
 use std::fmt;
 
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::names::{self, NameKind, DEFAULT_BUCKET};
+use crate::token::Token;
+
 /// The protocol versions this server speaks.
 pub const SUPPORTED_VERSIONS: &[i64] = &[1];
 
@@ -130,12 +136,6 @@ impl fmt::Display for Op {
         f.write_str(self.as_str())
     }
 }
-
-use serde::Serialize;
-use serde_json::{Map, Value};
-
-use crate::names::{self, NameKind, DEFAULT_BUCKET};
-use crate::token::Token;
 
 /// The longest request id accepted, in bytes (PROTOCOL.md §5).
 pub const MAX_ID_LEN: usize = 128;

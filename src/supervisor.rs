@@ -89,6 +89,8 @@ pub struct ShutdownReport {
     pub policy_cleared: bool,
     /// The socket file was removed.
     pub socket_removed: bool,
+    /// Connections refused by the peer check over the server's life.
+    pub peers_refused: u64,
     /// The socket path.
     pub socket_path: PathBuf,
 }
@@ -339,6 +341,7 @@ impl Handler<Shutdown> for Supervisor {
         Box::pin(work.into_actor(self).map(|mut report, act, ctx| {
             // 6. remove the socket file; 7. report, and stop (which ends the System).
             report.socket_removed = socket::remove_socket(&act.path, act.inode);
+            report.peers_refused = act.rejected_peers;
             report.socket_path = act.path.clone();
             tracing::info!(?report, "shutdown complete");
             ctx.stop();

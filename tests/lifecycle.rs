@@ -193,7 +193,7 @@ fn shutdown_runs_every_step() {
         "sk-openai"
     );
     let addr = s.handle.as_ref().expect("running").addr().clone();
-    let sessions = futures_executor_block_on(addr.send(SessionCount)).expect("count");
+    let sessions = block_on(addr.send(SessionCount)).expect("count");
     assert_eq!(sessions, 2);
     let report = s.shutdown();
     // 1. no longer accepting, 6. socket file removed (the directory stays)
@@ -215,7 +215,7 @@ fn shutdown_runs_every_step() {
     assert!(!addr.connected());
 }
 
-fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -305,8 +305,11 @@ async fn start_from_inside_an_actix_system() {
     assert!(client.list_providers().await.expect("list").is_empty());
     handle.shutdown().await.expect("shutdown");
     assert!(!path.exists());
-    // The test's own System is untouched by our shutdown.
-    actix::System::current();
+    // The test's own System is untouched by our shutdown: it still runs new work.
+    assert_eq!(
+        actix_rt::spawn(async { 7 }).await.expect("still running"),
+        7
+    );
 }
 
 #[test]
@@ -411,7 +414,7 @@ fn foreign_uid_is_dropped_at_accept() {
         eprintln!("skipped: needs root to run a child as uid 65534");
         return;
     }
-    let s = TestServer::start();
+    let mut s = TestServer::start();
     let Some(stdout) = probe_as_nobody(&s) else {
         return;
     };
@@ -424,5 +427,10 @@ fn foreign_uid_is_dropped_at_accept() {
     assert_eq!(
         data(&c.call("1", "has_api_key", json!({"name":"openai"})))["exists"],
         true
+    );
+    let report = s.shutdown();
+    assert_eq!(
+        report.peers_refused, 1,
+        "the refusal is counted in the report"
     );
 }

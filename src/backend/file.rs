@@ -43,7 +43,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use serde_json::Value;
 
 use super::watch::ReadCache;
-use super::{Backend, SaveMode, StoreError};
+use super::{check_name as check, Backend, SaveMode, StoreError};
 use crate::names::{is_valid, NameKind};
 use crate::secret::{wipe_json, Secret, SecretBytes};
 use crate::token::Token;
@@ -452,14 +452,6 @@ impl FileBackend {
                 Err(corrupt(&path, "key must be a string"))
             }
         }
-    }
-}
-
-fn check(kind: NameKind, name: &str) -> Result<(), StoreError> {
-    if is_valid(kind, name) {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidName)
     }
 }
 

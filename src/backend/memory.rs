@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Backend, SaveMode, StoreError};
-use crate::names::{is_valid, NameKind};
+use super::{check_name as check, Backend, SaveMode, StoreError};
+use crate::names::NameKind;
 use crate::secret::Secret;
 use crate::token::Token;
 
@@ -58,14 +58,6 @@ impl MemoryBackend {
             return Err(StoreError::Cleared);
         }
         Ok(guard)
-    }
-}
-
-fn check(kind: NameKind, name: &str) -> Result<(), StoreError> {
-    if is_valid(kind, name) {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidName)
     }
 }
 

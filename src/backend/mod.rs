@@ -49,6 +49,16 @@ pub enum StoreError {
     Cleared,
 }
 
+/// Refuses a name that is not valid for `kind`: every backend checks again, so no caller
+/// can make one touch a path outside its directory.
+pub(crate) fn check_name(kind: crate::names::NameKind, name: &str) -> Result<(), StoreError> {
+    if crate::names::is_valid(kind, name) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName)
+    }
+}
+
 /// How [`Backend::save_token`] combines the incoming token with a stored one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaveMode {
