@@ -55,14 +55,14 @@ fn codec(c: &mut Criterion) {
 fn parse(c: &mut Criterion) {
     c.bench_function("request_parse", |b| {
         b.iter(|| {
-            let frame = protocol::parse_object(black_box(REQUEST)).expect("object");
+            let frame = protocol::parse_frame(black_box(REQUEST)).expect("object");
             let env = protocol::parse_envelope(frame).expect("envelope");
             let op = protocol::parse_op(&env.op).expect("op");
             black_box(Request::parse(op, env.payload).expect("payload"))
         })
     });
     c.bench_function("reply_serialize_token", |b| {
-        let data = protocol::ReplyData::Token(token().into_sanitized());
+        let data = protocol::ReplyData::Token(token().served());
         b.iter(|| {
             black_box(protocol::ok_reply(
                 "0f8fad5b-d9cb-469f-a165-70867728950e",
@@ -80,6 +80,7 @@ fn token_rules(c: &mut Criterion) {
     }))
     .expect("incoming");
     c.bench_function("sanitize", |b| b.iter(|| black_box(stored.sanitized())));
+    c.bench_function("serve_token", |b| b.iter(|| black_box(stored.served())));
     c.bench_function("merge", |b| b.iter(|| black_box(stored.merge(&incoming))));
 }
 

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod envelope;
 pub mod error;
 pub mod names;
 pub mod outbox;

@@ -168,22 +168,49 @@ pub enum Subject {
     Key(String),
 }
 
-/// Asks for the decision on one subject.
+impl Subject {
+    /// The names the subject carries: provider and bucket; or the provider, or the key
+    /// name, with an empty second name.
+    pub fn into_names(self) -> (String, String) {
+        match self {
+            Subject::Read { provider, bucket } | Subject::Write { provider, bucket } => {
+                (provider, bucket)
+            }
+            Subject::Provider(name) | Subject::Key(name) => (name, String::new()),
+        }
+    }
+}
+
+/// Asks for the decision on one subject. The subject comes back with the decision, so
+/// the caller can pass its names on without copying them.
 #[derive(Debug, Message)]
-#[rtype(result = "Decision")]
+#[rtype(result = "Checked")]
 pub struct Check(pub Subject);
+
+/// The answer to [`Check`].
+#[derive(Debug)]
+pub struct Checked {
+    /// The decision.
+    pub decision: Decision,
+    /// The subject asked about.
+    pub subject: Subject,
+}
 
 impl Handler<Check> for ScopePolicy {
     type Result = MessageResult<Check>;
 
     fn handle(&mut self, msg: Check, _: &mut Context<Self>) -> Self::Result {
         let p = &self.profile;
-        MessageResult(match msg.0 {
-            Subject::Read { provider, bucket } => p.decide_token(&provider, &bucket, false),
-            Subject::Write { provider, bucket } => p.decide_token(&provider, &bucket, true),
-            Subject::Provider(provider) if p.allows_provider(&provider) => Decision::Allow,
-            Subject::Key(name) if p.allows_key(&name) => Decision::Allow,
+        let decision = match &msg.0 {
+            Subject::Read { provider, bucket } => p.decide_token(provider, bucket, false),
+            Subject::Write { provider, bucket } => p.decide_token(provider, bucket, true),
+            Subject::Provider(provider) if p.allows_provider(provider) => Decision::Allow,
+            Subject::Key(name) if p.allows_key(name) => Decision::Allow,
             Subject::Provider(_) | Subject::Key(_) => Decision::Unauthorized,
+        };
+        MessageResult(Checked {
+            decision,
+            subject: msg.0,
         })
     }
 }

@@ -1,13 +1,15 @@
 //! Wire types of protocol v1 (PROTOCOL.md §4, §5, §7, §10): error codes, operations,
 //! request parsing and reply building. No I/O here.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::envelope::{self, Frame, FrameError, Payload, PayloadField, Scalar};
 use crate::names::{self, NameKind, DEFAULT_BUCKET};
-use crate::token::Token;
+use crate::token::{ServedToken, Token};
 
 /// The protocol versions this server speaks.
 pub const SUPPORTED_VERSIONS: &[i64] = &[1];
@@ -168,13 +170,13 @@ impl Rejection {
     }
 }
 
-/// Parses a frame body as a JSON object; anything else ends the connection (§3).
-pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, &'static str> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err("request must be a JSON object"),
-        Err(_) => Err("request is not valid UTF-8 JSON"),
-    }
+/// Parses a frame body; anything but a JSON object ends the connection (§3), with the
+/// text to send before closing.
+pub fn parse_frame(body: &[u8]) -> Result<Frame<'_>, &'static str> {
+    envelope::parse_frame(body).map_err(|e| match e {
+        FrameError::NotObject => "request must be a JSON object",
+        FrameError::NotJson => "request is not valid UTF-8 JSON",
+    })
 }
 
 /// The outcome of the version negotiation of a handshake frame (§4).
@@ -189,54 +191,49 @@ pub enum Handshake {
 }
 
 /// Negotiates the version from the first frame of a connection (§4).
-pub fn negotiate(frame: &Map<String, Value>) -> Handshake {
-    if frame.get("op").and_then(Value::as_str) != Some("handshake") {
+pub fn negotiate(frame: &Frame<'_>) -> Handshake {
+    if frame.op.as_ref().and_then(Scalar::as_str) != Some("handshake") {
         return Handshake::NotHandshake;
     }
-    let payload = frame.get("payload").and_then(Value::as_object);
-    let field = |name: &str| payload.and_then(|p| p.get(name));
-    let (min, max) = (field("minVersion"), field("maxVersion"));
-    if let (Some(min), Some(max)) = (min, max) {
-        return match (integer(min), integer(max)) {
-            (Some(lo), Some(hi)) if lo <= hi => SUPPORTED_VERSIONS
-                .iter()
-                .rev()
-                .find(|v| (lo..=hi).contains(&i128::from(**v)))
-                .map_or(Handshake::NoVersion, |v| Handshake::Agreed(*v)),
-            _ => Handshake::NoVersion,
-        };
+    if let Some(PayloadField::Object(p)) = &frame.payload {
+        if let (Some(min), Some(max)) = (&p.min_version, &p.max_version) {
+            return match (min, max) {
+                (Scalar::Int(lo), Scalar::Int(hi)) if lo <= hi => SUPPORTED_VERSIONS
+                    .iter()
+                    .rev()
+                    .find(|v| (*lo..=*hi).contains(&i128::from(**v)))
+                    .map_or(Handshake::NoVersion, |v| Handshake::Agreed(*v)),
+                _ => Handshake::NoVersion,
+            };
+        }
     }
-    match frame.get("v").and_then(Value::as_i64) {
-        Some(v) if SUPPORTED_VERSIONS.contains(&v) => Handshake::Agreed(v),
+    match &frame.v {
+        Some(Scalar::Int(v)) => match i64::try_from(*v) {
+            Ok(v) if SUPPORTED_VERSIONS.contains(&v) => Handshake::Agreed(v),
+            _ => Handshake::NoVersion,
+        },
         _ => Handshake::NoVersion,
     }
 }
 
-/// A JSON integer of any size serde_json holds (i64 or u64); `None` for anything else.
-fn integer(value: &Value) -> Option<i128> {
-    value
-        .as_i64()
-        .map(i128::from)
-        .or_else(|| value.as_u64().map(i128::from))
-}
-
 /// A request whose envelope is well formed (§5); the operation is not checked yet.
-pub struct Envelope {
+#[derive(Debug)]
+pub struct Envelope<'a> {
     /// The request id (an integer id already turned into its decimal string).
     pub id: String,
     /// The operation name as sent.
-    pub op: String,
-    /// The payload (`{}` when missing).
-    pub payload: Map<String, Value>,
+    pub op: Cow<'a, str>,
+    /// The payload (empty when missing).
+    pub payload: Payload<'a>,
 }
 
 /// Checks the envelope of a request. On failure returns the id to answer with (the
 /// request's own when it was usable, else [`UNKNOWN_ID`]) and the rejection.
-pub fn parse_envelope(mut frame: Map<String, Value>) -> Result<Envelope, (String, Rejection)> {
-    let id = match frame.get("id") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => s.clone(),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-        Some(Value::String(s)) if s.len() > MAX_ID_LEN => {
+pub fn parse_envelope(frame: Frame<'_>) -> Result<Envelope<'_>, (String, Rejection)> {
+    let id = match frame.id {
+        Some(Scalar::Str(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN => s.into_owned(),
+        Some(Scalar::Int(n)) => n.to_string(),
+        Some(Scalar::Str(s)) if s.len() > MAX_ID_LEN => {
             return Err((
                 UNKNOWN_ID.into(),
                 Rejection::invalid(format!("id must be at most {MAX_ID_LEN} bytes")),
@@ -250,15 +247,17 @@ pub fn parse_envelope(mut frame: Map<String, Value>) -> Result<Envelope, (String
         }
         None => return Err((UNKNOWN_ID.into(), Rejection::invalid("missing request id"))),
     };
-    let op = match frame.remove("op") {
-        Some(Value::String(op)) => op,
+    let op = match frame.op {
+        Some(Scalar::Str(op)) => op,
         Some(_) => return Err((id, Rejection::invalid("op must be a string"))),
         None => return Err((id, Rejection::invalid("missing op"))),
     };
-    let payload = match frame.remove("payload") {
-        None => Map::new(),
-        Some(Value::Object(p)) => p,
-        Some(_) => return Err((id, Rejection::invalid("payload must be an object"))),
+    let payload = match frame.payload {
+        None => Payload::default(),
+        Some(PayloadField::Object(p)) => p,
+        Some(PayloadField::NotObject) => {
+            return Err((id, Rejection::invalid("payload must be an object")))
+        }
     };
     Ok(Envelope { id, op, payload })
 }
@@ -330,47 +329,43 @@ pub enum Request {
     },
 }
 
-fn name_field(
-    payload: &Map<String, Value>,
-    field: &str,
-    kind: NameKind,
-) -> Result<String, Rejection> {
-    match payload.get(field) {
-        Some(Value::String(s)) => names::check(kind, s)
-            .map(|()| s.clone())
+fn name_field(field: &Option<Scalar<'_>>, name: &str, kind: NameKind) -> Result<String, Rejection> {
+    match field {
+        Some(Scalar::Str(s)) => names::check(kind, s)
+            .map(|()| s.as_ref().to_owned())
             .map_err(Rejection::invalid),
-        Some(_) => Err(Rejection::invalid(format!("{field} must be a string"))),
-        None => Err(Rejection::invalid(format!("missing {field}"))),
+        Some(_) => Err(Rejection::invalid(format!("{name} must be a string"))),
+        None => Err(Rejection::invalid(format!("missing {name}"))),
     }
 }
 
-fn bucket_field(payload: &Map<String, Value>) -> Result<String, Rejection> {
-    match payload.get("bucket") {
-        None | Some(Value::Null) => Ok(DEFAULT_BUCKET.to_owned()),
-        Some(_) => name_field(payload, "bucket", NameKind::Bucket),
+fn bucket_field(payload: &Payload<'_>) -> Result<String, Rejection> {
+    match payload.bucket {
+        None | Some(Scalar::Null) => Ok(DEFAULT_BUCKET.to_owned()),
+        Some(_) => name_field(&payload.bucket, "bucket", NameKind::Bucket),
     }
 }
 
 impl Request {
     /// Checks the payload of `op` (§6, §7). Unknown extra payload fields are ignored.
-    pub fn parse(op: Op, mut payload: Map<String, Value>) -> Result<Request, Rejection> {
-        let provider = || name_field(&payload, "provider", NameKind::Provider);
+    pub fn parse(op: Op, mut payload: Payload<'_>) -> Result<Request, Rejection> {
+        let provider = |p: &Payload<'_>| name_field(&p.provider, "provider", NameKind::Provider);
         Ok(match op {
             Op::GetToken => Request::GetToken {
-                provider: provider()?,
+                provider: provider(&payload)?,
                 bucket: bucket_field(&payload)?,
             },
             Op::RemoveToken => Request::RemoveToken {
-                provider: provider()?,
+                provider: provider(&payload)?,
                 bucket: bucket_field(&payload)?,
             },
             Op::GetBucketStats => Request::GetBucketStats {
-                provider: provider()?,
+                provider: provider(&payload)?,
                 bucket: bucket_field(&payload)?,
             },
             Op::SaveToken => {
-                let (provider, bucket) = (provider()?, bucket_field(&payload)?);
-                let token = match payload.remove("token") {
+                let (provider, bucket) = (provider(&payload)?, bucket_field(&payload)?);
+                let token = match payload.take_token() {
                     None => return Err(Rejection::invalid("missing token")),
                     Some(value) => {
                         Token::from_client(value).map_err(|e| Rejection::invalid(e.to_string()))?
@@ -384,14 +379,14 @@ impl Request {
             }
             Op::ListProviders => Request::ListProviders,
             Op::ListBuckets => Request::ListBuckets {
-                provider: provider()?,
+                provider: provider(&payload)?,
             },
             Op::GetApiKey => Request::GetApiKey {
-                name: name_field(&payload, "name", NameKind::Key)?,
+                name: name_field(&payload.name, "name", NameKind::Key)?,
             },
             Op::ListApiKeys => Request::ListApiKeys,
             Op::HasApiKey => Request::HasApiKey {
-                name: name_field(&payload, "name", NameKind::Key)?,
+                name: name_field(&payload.name, "name", NameKind::Key)?,
             },
         })
     }
@@ -443,22 +438,10 @@ pub struct Target<'a> {
     pub key: Option<&'a str>,
 }
 
-/// Shows the id, the operation and the payload's field names, never their values (a
-/// payload may carry a token).
-impl std::fmt::Debug for Envelope {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Envelope")
-            .field("id", &self.id)
-            .field("op", &self.op)
-            .field("payload_fields", &self.payload.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
 /// The `data` of a success reply.
 pub enum ReplyData {
-    /// A sanitized token.
-    Token(Token),
+    /// A token as served: sanitized and already serialized.
+    Token(ServedToken),
     /// Any other JSON object (lists, stats, `{}`). API keys are carried here as
     /// `{"key": ...}` built at the last moment and wiped after serialization.
     Json(Value),
@@ -474,29 +457,12 @@ impl std::fmt::Debug for ReplyData {
     }
 }
 
-impl Serialize for ReplyData {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            ReplyData::Token(t) => t.serialize(s),
-            ReplyData::Json(v) => v.serialize(s),
-        }
-    }
-}
-
 impl Drop for ReplyData {
     fn drop(&mut self) {
         if let ReplyData::Json(v) = self {
             crate::secret::wipe_json(v);
         }
     }
-}
-
-#[derive(Serialize)]
-struct OkReply<'a> {
-    v: u8,
-    id: &'a str,
-    ok: bool,
-    data: &'a ReplyData,
 }
 
 #[derive(Serialize)]
@@ -513,21 +479,32 @@ struct ErrReply<'a> {
     retry_after: Option<u64>,
 }
 
-/// Serializes a success reply body.
+/// Serializes a success reply body: `{"v":1,"id":…,"ok":true,"data":…}`.
 pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
-    let reply = OkReply {
-        v: 1,
-        id,
-        ok: true,
-        data,
+    const HEAD: &[u8] = br#"{"v":1,"id":"#;
+    const OK: &[u8] = br#","ok":true,"data":"#;
+    // Sized up front so that the buffer (which may hold a secret) is not reallocated,
+    // leaving unwiped copies behind: exactly for a served token (an id escapes to at most
+    // six bytes a byte), generously for the small JSON replies.
+    let data_len = match data {
+        ReplyData::Token(t) => t.json().len(),
+        ReplyData::Json(_) => 512,
     };
-    // Sized for a typical token reply, so the buffer (which may hold a secret) is not
-    // reallocated, leaving unwiped copies behind, in the common case.
-    let mut out = Vec::with_capacity(512);
-    match serde_json::to_writer(&mut out, &reply) {
-        Ok(()) => out,
-        Err(_) => Vec::new(),
+    let mut out = Vec::with_capacity(HEAD.len() + 2 + 6 * id.len() + OK.len() + data_len + 1);
+    out.extend_from_slice(HEAD);
+    // A string always serializes.
+    let _ = serde_json::to_writer(&mut out, id);
+    out.extend_from_slice(OK);
+    match data {
+        ReplyData::Token(t) => out.extend_from_slice(t.json()),
+        ReplyData::Json(v) => {
+            if serde_json::to_writer(&mut out, v).is_err() {
+                return Vec::new();
+            }
+        }
     }
+    out.push(b'}');
+    out
 }
 
 /// Serializes an error reply body. `id` is `None` only for the frame sent before a close;
@@ -564,13 +541,43 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().expect("object")
+    /// Runs `f` on the frame of `v` serialized.
+    fn with_frame<R>(v: Value, f: impl FnOnce(Frame<'_>) -> R) -> R {
+        let body = serde_json::to_vec(&v).expect("json");
+        f(parse_frame(&body).expect("object"))
+    }
+
+    fn negotiate_json(v: Value) -> Handshake {
+        with_frame(v, |f| negotiate(&f))
+    }
+
+    fn envelope_json(v: Value) -> Result<(String, String), (String, Rejection)> {
+        with_frame(v, |f| {
+            parse_envelope(f).map(|e| (e.id, format!("{:?}", e.payload)))
+        })
+    }
+
+    fn request(op: Op, payload: Value) -> Result<Request, Rejection> {
+        with_frame(json!({"id":"1","op":"x","payload":payload}), |f| {
+            Request::parse(op, parse_envelope(f).expect("envelope").payload)
+        })
+    }
+
+    #[test]
+    fn frame_errors() {
+        assert_eq!(
+            parse_frame(b"[1]").unwrap_err(),
+            "request must be a JSON object"
+        );
+        assert_eq!(
+            parse_frame(b"{").unwrap_err(),
+            "request is not valid UTF-8 JSON"
+        );
     }
 
     #[test]
     fn negotiation() {
-        let hs = |p: Value| negotiate(&obj(json!({"v":1,"op":"handshake","payload":p})));
+        let hs = |p: Value| negotiate_json(json!({"v":1,"op":"handshake","payload":p}));
         assert_eq!(
             hs(json!({"minVersion":1,"maxVersion":1})),
             Handshake::Agreed(1)
@@ -593,34 +600,41 @@ mod tests {
         );
         assert_eq!(hs(json!({})), Handshake::Agreed(1));
         assert_eq!(
-            negotiate(&obj(json!({"v":2,"op":"handshake"}))),
+            negotiate_json(json!({"v":2,"op":"handshake"})),
             Handshake::NoVersion
         );
         assert_eq!(
-            negotiate(&obj(json!({"v":1,"op":"get_token"}))),
+            negotiate_json(json!({"v":1,"op":"get_token"})),
             Handshake::NotHandshake
         );
     }
 
     #[test]
     fn envelope_rules() {
-        let e = parse_envelope(obj(json!({"id":7,"op":"x"}))).expect("int id");
-        assert_eq!((e.id.as_str(), e.payload.len()), ("7", 0));
-        let (id, r) = parse_envelope(obj(json!({"op":"x"}))).unwrap_err();
+        let (id, payload) = envelope_json(json!({"id":7,"op":"x"})).expect("int id");
+        assert_eq!((id.as_str(), payload.as_str()), ("7", "[]"));
+        let (id, r) = envelope_json(json!({"op":"x"})).unwrap_err();
         assert_eq!(
             (id.as_str(), r.code),
             (UNKNOWN_ID, ErrorCode::InvalidRequest)
         );
         let long = "x".repeat(129);
         assert_eq!(
-            parse_envelope(obj(json!({"id":long,"op":"x"})))
-                .unwrap_err()
-                .0,
+            envelope_json(json!({"id":long,"op":"x"})).unwrap_err().0,
             UNKNOWN_ID
         );
-        assert!(parse_envelope(obj(json!({"id":"a","op":"x","payload":[1]}))).is_err());
-        assert!(parse_envelope(obj(json!({"id":"","op":"x"}))).is_err());
-        assert!(parse_envelope(obj(json!({"id":1.5,"op":"x"}))).is_err());
+        assert!(envelope_json(json!({"id":"a","op":"x","payload":[1]})).is_err());
+        assert!(envelope_json(json!({"id":"a","op":"x","payload":null})).is_err());
+        assert!(envelope_json(json!({"id":"","op":"x"})).is_err());
+        assert!(envelope_json(json!({"id":1.5,"op":"x"})).is_err());
+        assert_eq!(
+            envelope_json(
+                json!({"id":"a","op":"x","payload":{"provider":"p","token":{"a":"SECRET"}}})
+            )
+            .expect("envelope")
+            .1,
+            r#"["provider", "token"]"#
+        );
         assert_eq!(
             parse_op("toString").unwrap_err().message,
             "unknown operation: toString"
@@ -629,20 +643,33 @@ mod tests {
 
     #[test]
     fn payload_rules() {
-        let r = Request::parse(Op::GetToken, obj(json!({"provider":"p"}))).expect("ok");
+        let r = request(Op::GetToken, json!({"provider":"p"})).expect("ok");
         let t = r.target();
         assert_eq!(
             (t.provider, t.bucket, t.key),
             (Some("p"), Some("default"), None)
         );
-        assert!(Request::parse(Op::GetToken, obj(json!({"provider":"../x"}))).is_err());
-        assert!(Request::parse(Op::GetToken, obj(json!({"provider":1}))).is_err());
-        assert!(Request::parse(Op::GetApiKey, obj(json!({"name":"a@b"}))).is_err());
-        assert!(Request::parse(
+        assert!(request(Op::GetToken, json!({"provider":"../x"})).is_err());
+        assert!(request(Op::GetToken, json!({"provider":1})).is_err());
+        assert!(request(Op::GetApiKey, json!({"name":"a@b"})).is_err());
+        assert!(request(
             Op::SaveToken,
-            obj(json!({"provider":"p","token":{"access_token":"a"}}))
+            json!({"provider":"p","token":{"access_token":"a"}})
         )
         .is_err());
+        let r = request(
+            Op::SaveToken,
+            json!({"provider":"p","bucket":null,"token":{"access_token":"a","expiry":1,"token_type":"B","refresh_token":"R"}}),
+        )
+        .expect("save");
+        let Request::SaveToken { bucket, token, .. } = r else {
+            panic!("save_token")
+        };
+        assert_eq!(bucket, "default");
+        assert!(
+            !token.has_refresh_token(),
+            "the client's refresh token is dropped"
+        );
     }
 
     #[test]
@@ -663,6 +690,16 @@ mod tests {
         assert_eq!(
             serde_json::from_slice::<Value>(&body).expect("json"),
             json!({"v":1,"id":"9","ok":true,"data":{}})
+        );
+        let token = Token::from_value(
+            json!({"access_token":"a","expiry":1,"token_type":"B","refresh_token":"R"}),
+        )
+        .expect("token");
+        let id = "q\"\u{1}\\é";
+        let body = ok_reply(id, &ReplyData::Token(token.served()));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).expect("json"),
+            json!({"v":1,"id":id,"ok":true,"data":{"access_token":"a","expiry":1,"token_type":"B"}})
         );
     }
 }

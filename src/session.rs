@@ -23,6 +23,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::codec::{CodecError, FrameCodec, FrameEvent, MAX_FRAME_LEN};
 use crate::config::Limits;
+use crate::envelope::Frame;
 use crate::outbox::Outbox;
 use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
 use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
@@ -236,7 +237,7 @@ impl Session {
     }
 
     fn on_frame(&mut self, body: Bytes, ctx: &mut Context<Self>) {
-        let frame = match protocol::parse_object(&body) {
+        let frame = match protocol::parse_frame(&body) {
             Ok(frame) => frame,
             Err(message) => {
                 tracing::debug!(session = self.id, "malformed frame; closing");
@@ -253,11 +254,7 @@ impl Session {
         }
     }
 
-    fn on_handshake(
-        &mut self,
-        frame: &serde_json::Map<String, serde_json::Value>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn on_handshake(&mut self, frame: &Frame<'_>, ctx: &mut Context<Self>) {
         let (code, message, reason) = match protocol::negotiate(frame) {
             Handshake::Agreed(version) => {
                 if let Some(timer) = self.handshake_timer.take() {
@@ -283,11 +280,7 @@ impl Session {
     }
 
     /// Runs the checks of PROTOCOL.md §5 in order, then spawns the operation.
-    fn on_request(
-        &mut self,
-        frame: serde_json::Map<String, serde_json::Value>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn on_request(&mut self, frame: Frame<'_>, ctx: &mut Context<Self>) {
         let envelope = match protocol::parse_envelope(frame) {
             Ok(envelope) => envelope,
             Err((id, rejection)) => return self.refuse(&id, &rejection, None),
@@ -496,30 +489,35 @@ fn not_found(what: &str) -> Rejection {
     Rejection::new(ErrorCode::NotFound, format!("no {what} stored"))
 }
 
-async fn scope(shared: &Shared, subject: Subject) -> Result<(), Rejection> {
-    // The subject is kept for the message; it is only formatted on a refusal.
-    let decision = shared.policy.send(policy::Check(subject.clone())).await;
-    let described = || match &subject {
-        Subject::Read { provider, bucket } | Subject::Write { provider, bucket } => {
-            format!("{provider}:{bucket}")
-        }
-        Subject::Provider(p) => format!("provider {p}"),
-        Subject::Key(k) => format!("API key {k}"),
-    };
-    match decision {
-        Ok(Decision::Allow) => Ok(()),
-        Ok(Decision::Unauthorized) => Err(Rejection::new(
+/// Asks the policy about `subject`; on `Allow` the subject comes back, so the names in it
+/// move on to the store without a copy.
+async fn scope(shared: &Shared, subject: Subject) -> Result<Subject, Rejection> {
+    let checked = shared
+        .policy
+        .send(policy::Check(subject))
+        .await
+        .map_err(|_| internal())?;
+    let subject = checked.subject;
+    match checked.decision {
+        Decision::Allow => Ok(subject),
+        // The names are only formatted on a refusal.
+        Decision::Unauthorized => Err(Rejection::new(
             ErrorCode::Unauthorized,
             format!(
                 "UNAUTHORIZED: {} is outside the loaded profile",
-                described()
+                match &subject {
+                    Subject::Read { provider, bucket } | Subject::Write { provider, bucket } => {
+                        format!("{provider}:{bucket}")
+                    }
+                    Subject::Provider(p) => format!("provider {p}"),
+                    Subject::Key(k) => format!("API key {k}"),
+                }
             ),
         )),
-        Ok(Decision::Forbidden) => Err(Rejection::new(
+        Decision::Forbidden => Err(Rejection::new(
             ErrorCode::Forbidden,
             "the credential proxy is read-only",
         )),
-        Err(_) => Err(internal()),
     }
 }
 
@@ -539,16 +537,11 @@ async fn filtered(
 async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rejection> {
     let sh = shared.as_ref();
     let store = &sh.store;
+    let read = |provider, bucket| Subject::Read { provider, bucket };
+    let write = |provider, bucket| Subject::Write { provider, bucket };
     match request {
         Request::GetToken { provider, bucket } => {
-            scope(
-                sh,
-                Subject::Read {
-                    provider: provider.clone(),
-                    bucket: bucket.clone(),
-                },
-            )
-            .await?;
+            let (provider, bucket) = scope(sh, read(provider, bucket)).await?.into_names();
             match store.send(store::GetToken { provider, bucket }).await {
                 Ok(Ok(Some(token))) => Ok(ReplyData::Token(token)),
                 Ok(Ok(None)) => Err(not_found("token")),
@@ -560,35 +553,19 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             bucket,
             token,
         } => {
-            scope(
-                sh,
-                Subject::Write {
-                    provider: provider.clone(),
-                    bucket: bucket.clone(),
-                },
-            )
-            .await?;
-            match store
-                .send(store::SaveToken {
-                    provider,
-                    bucket,
-                    token,
-                })
-                .await
-            {
+            let (provider, bucket) = scope(sh, write(provider, bucket)).await?.into_names();
+            let save = store::SaveToken {
+                provider,
+                bucket,
+                token,
+            };
+            match store.send(save).await {
                 Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
                 _ => Err(internal()),
             }
         }
         Request::RemoveToken { provider, bucket } => {
-            scope(
-                sh,
-                Subject::Write {
-                    provider: provider.clone(),
-                    bucket: bucket.clone(),
-                },
-            )
-            .await?;
+            let (provider, bucket) = scope(sh, write(provider, bucket)).await?.into_names();
             match store.send(store::RemoveToken { provider, bucket }).await {
                 Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
                 _ => Err(internal()),
@@ -603,7 +580,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "providers": providers })))
         }
         Request::ListBuckets { provider } => {
-            scope(sh, Subject::Provider(provider.clone())).await?;
+            let (provider, _) = scope(sh, Subject::Provider(provider)).await?.into_names();
             let all = store
                 .send(store::ListBuckets {
                     provider: provider.clone(),
@@ -614,14 +591,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "buckets": buckets })))
         }
         Request::GetBucketStats { provider, bucket } => {
-            scope(
-                sh,
-                Subject::Read {
-                    provider: provider.clone(),
-                    bucket: bucket.clone(),
-                },
-            )
-            .await?;
+            let (provider, bucket) = scope(sh, read(provider, bucket)).await?.into_names();
             match store
                 .send(store::GetStats {
                     provider,
@@ -645,7 +615,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             }
         }
         Request::GetApiKey { name } => {
-            scope(sh, Subject::Key(name.clone())).await?;
+            let (name, _) = scope(sh, Subject::Key(name)).await?.into_names();
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(Some(key))) => Ok(ReplyData::Json(json!({ "key": key.expose() }))),
                 Ok(Ok(None)) => Err(not_found("API key")),
@@ -658,7 +628,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "keys": keys })))
         }
         Request::HasApiKey { name } => {
-            scope(sh, Subject::Key(name.clone())).await?;
+            let (name, _) = scope(sh, Subject::Key(name)).await?.into_names();
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(key)) => Ok(ReplyData::Json(json!({ "exists": key.is_some() }))),
                 _ => Err(internal()),

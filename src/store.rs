@@ -20,12 +20,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix::{fut, Actor, ActorFutureExt, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use actix::{
+    fut, Actor, ActorFutureExt, ActorResponse, Context, Handler, Message, ResponseActFuture,
+    WrapFuture,
+};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::backend::{Backend, SaveMode, StoreError};
 use crate::secret::Secret;
-use crate::token::Token;
+use crate::token::{ServedToken, Token};
 
 /// A store operation failed or timed out. The cause has been logged by the store; the
 /// session answers `INTERNAL_ERROR` without details.
@@ -258,9 +261,10 @@ impl Actor for CredentialStore {
     }
 }
 
-/// Reads the sanitized token of `provider:bucket`; counts the call for stats when found.
+/// Reads the token of `provider:bucket` as served (sanitized, serialized once); counts
+/// the call for stats when found.
 #[derive(Debug, Message)]
-#[rtype(result = "StoreResult<Option<Token>>")]
+#[rtype(result = "StoreResult<Option<ServedToken>>")]
 pub struct GetToken {
     /// Provider.
     pub provider: String,
@@ -269,21 +273,20 @@ pub struct GetToken {
 }
 
 impl Handler<GetToken> for CredentialStore {
-    type Result = ResponseActFuture<Self, StoreResult<Option<Token>>>;
+    type Result = ActorResponse<Self, StoreResult<Option<ServedToken>>>;
 
     fn handle(&mut self, msg: GetToken, _: &mut Context<Self>) -> Self::Result {
-        // A cached answer (file store with its read cache) is given on this thread.
+        // A cached answer (file store with its read cache) is given on this thread, with
+        // no allocation: the served bytes are shared with the cache.
         if let Some(hit) = self.backend.cached_token(&msg.provider, &msg.bucket) {
             if hit.is_some() {
                 self.record_get(&msg.provider, &msg.bucket);
             }
-            return Box::pin(fut::ready(Ok(hit.map(Token::into_sanitized))));
+            return ActorResponse::reply(Ok(hit));
         }
         let (p, b) = (msg.provider.clone(), msg.bucket.clone());
-        let read = self.run("get_token", None, move |s| {
-            Ok(s.get_token(&p, &b)?.map(Token::into_sanitized))
-        });
-        Box::pin(read.map(move |result, act, _| {
+        let read = self.run("get_token", None, move |s| s.get_served_token(&p, &b));
+        ActorResponse::r#async(read.map(move |result, act, _| {
             if let Ok(Some(_)) = &result {
                 act.record_get(&msg.provider, &msg.bucket);
             }
@@ -388,7 +391,7 @@ impl Handler<GetStats> for CredentialStore {
     fn handle(&mut self, msg: GetStats, _: &mut Context<Self>) -> Self::Result {
         let (p, b) = (msg.provider.clone(), msg.bucket.clone());
         let exists = self.run("get_bucket_stats", None, move |s| {
-            Ok(s.get_token(&p, &b)?.is_some())
+            Ok(s.get_served_token(&p, &b)?.is_some())
         });
         Box::pin(exists.map(move |r, act, _| {
             r.map(|found| found.then(|| act.stats_for(&msg.provider, &msg.bucket)))
@@ -405,13 +408,13 @@ pub struct GetKey {
 }
 
 impl Handler<GetKey> for CredentialStore {
-    type Result = ResponseActFuture<Self, StoreResult<Option<Secret>>>;
+    type Result = ActorResponse<Self, StoreResult<Option<Secret>>>;
 
     fn handle(&mut self, msg: GetKey, _: &mut Context<Self>) -> Self::Result {
         if let Some(hit) = self.backend.cached_key(&msg.name) {
-            return Box::pin(fut::ready(Ok(hit)));
+            return ActorResponse::reply(Ok(hit));
         }
-        self.run("get_api_key", None, move |s| s.get_key(&msg.name))
+        ActorResponse::r#async(self.run("get_api_key", None, move |s| s.get_key(&msg.name)))
     }
 }
 

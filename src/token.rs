@@ -6,10 +6,13 @@
 //! prints only field names, and every string in it is wiped on drop.
 
 use std::fmt;
+use std::io;
+use std::sync::Arc;
 
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value};
 
-use crate::secret::wipe_json;
+use crate::secret::{wipe_json, SecretBytes};
 
 /// The field that must never cross the socket.
 pub const REFRESH_TOKEN: &str = "refresh_token";
@@ -131,15 +134,24 @@ impl Token {
 
     /// The copy that may cross the socket: every field but `refresh_token`.
     pub fn sanitized(&self) -> Token {
-        self.clone().into_sanitized()
-    }
-
-    /// This token without its `refresh_token` (wiped), without copying the other fields.
-    pub fn into_sanitized(mut self) -> Token {
-        if let Some(mut rt) = self.fields.remove(REFRESH_TOKEN) {
+        let mut copy = self.clone();
+        if let Some(mut rt) = copy.fields.remove(REFRESH_TOKEN) {
             wipe_json(&mut rt);
         }
-        self
+        copy
+    }
+
+    /// The form a `get_token` reply carries: every field but `refresh_token`, serialized
+    /// once into a shared buffer (see [`ServedToken`]).
+    pub fn served(&self) -> ServedToken {
+        let sanitized = WithoutRefresh(&self.fields);
+        // Sized first, so the buffer is never reallocated: a reallocation would leave an
+        // unwiped copy of the secrets behind. A Map of Values always serializes.
+        let mut len = ByteCount(0);
+        let _ = serde_json::to_writer(&mut len, &sanitized);
+        let mut out = Vec::with_capacity(len.0);
+        let _ = serde_json::to_writer(&mut out, &sanitized);
+        ServedToken(Arc::new(SecretBytes(out)))
     }
 
     /// Merges an incoming token into this stored one (PROTOCOL.md §6): every field present
@@ -174,6 +186,65 @@ impl Token {
     pub fn to_json(&self) -> Vec<u8> {
         // A Map of Values always serializes.
         serde_json::to_vec(&self.fields).unwrap_or_default()
+    }
+}
+
+/// Serializes a token's fields without `refresh_token`.
+struct WithoutRefresh<'a>(&'a Map<String, Value>);
+
+impl serde::Serialize for WithoutRefresh<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = self.0.iter().filter(|(k, _)| k.as_str() != REFRESH_TOKEN);
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in fields {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// A writer that only counts bytes.
+struct ByteCount(usize);
+
+impl io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A token as it crosses the socket: sanitized (no `refresh_token`) and serialized as a
+/// JSON object once, when it is read from the store. Clones share the bytes, so a cached
+/// token is served without copying or re-serializing it; the bytes are wiped when the last
+/// clone is dropped. `Debug` shows the length only.
+#[derive(Clone)]
+pub struct ServedToken(Arc<SecretBytes>);
+
+impl ServedToken {
+    /// The JSON object text. Callers must not log it.
+    pub fn json(&self) -> &[u8] {
+        &self.0 .0
+    }
+
+    /// Parses the text back into a [`Token`] (tests and tools; not on the request path).
+    pub fn to_token(&self) -> Result<Token, TokenError> {
+        Token::from_json(self.json())
+    }
+}
+
+impl fmt::Debug for ServedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServedToken({} bytes)", self.json().len())
+    }
+}
+
+impl PartialEq for ServedToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
     }
 }
 
@@ -239,6 +310,14 @@ mod tests {
         let s = t.sanitized();
         assert!(!s.fields().contains_key(REFRESH_TOKEN));
         assert_eq!(s.fields()["x"], "y");
+        let served = t.served();
+        assert_eq!(served.to_token().unwrap(), s);
+        assert_eq!(served.json().len(), served.0 .0.capacity(), "sized exactly");
+        assert!(!String::from_utf8_lossy(served.json()).contains("\"R\""));
+        assert_eq!(
+            format!("{served:?}"),
+            format!("ServedToken({} bytes)", served.json().len())
+        );
     }
 
     #[test]

@@ -136,18 +136,24 @@ fn no_canary_in_logs_debug_or_replies() {
     assert_eq!(stored.fields()["refresh_token"], RT);
 
     // Debug output of every public type that holds a secret.
+    let body = serde_json::to_vec(
+        &json!({"id":"1","op":"save_token","payload":{"provider":"p",
+        "token":{"access_token":AT,"refresh_token":RT,"expiry":1,"token_type":"B"}}}),
+    )
+    .expect("json");
+    let frame = credproxy::protocol::parse_frame(&body).expect("frame");
+    let frame_debug = format!("{frame:?}");
+    let envelope = credproxy::protocol::parse_envelope(frame).expect("envelope");
+    let envelope_debug = format!("{envelope:?}");
     let debug = format!(
-        "{:?} {:?} {:?} {:?}",
+        "{:?} {:?} {:?} {:?} {:?} {} {}",
         stored,
+        stored.served(),
         Secret::from(KEY),
         canary_token(AT, RT),
-        credproxy::protocol::Request::parse(
-            credproxy::protocol::Op::SaveToken,
-            json!({"provider":"p","token":{"access_token":AT,"refresh_token":RT,"expiry":1,"token_type":"B"}})
-                .as_object()
-                .cloned()
-                .expect("object")
-        )
+        credproxy::protocol::Request::parse(credproxy::protocol::Op::SaveToken, envelope.payload),
+        frame_debug,
+        envelope_debug,
     );
     for canary in [AT, RT, KEY] {
         assert!(!debug.contains(canary), "{canary} in Debug output: {debug}");

@@ -62,7 +62,7 @@ fn parse_in_process(data: &[u8], split: usize) {
             match codec.decode(&mut buf) {
                 Ok(Some(FrameEvent::Frame(body))) => {
                     assert!(body.len() <= MAX_FRAME_LEN);
-                    if let Ok(frame) = protocol::parse_object(&body) {
+                    if let Ok(frame) = protocol::parse_frame(&body) {
                         let _ = protocol::negotiate(&frame);
                         if let Ok(env) = protocol::parse_envelope(frame) {
                             if let Ok(op) = protocol::parse_op(&env.op) {

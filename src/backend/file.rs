@@ -46,7 +46,7 @@ use super::watch::ReadCache;
 use super::{check_name as check, Backend, SaveMode, StoreError};
 use crate::names::{is_valid, NameKind};
 use crate::secret::{wipe_json, Secret, SecretBytes};
-use crate::token::Token;
+use crate::token::{ServedToken, Token};
 
 const TOKENS: &str = "tokens";
 const KEYS: &str = "keys";
@@ -283,20 +283,29 @@ impl Backend for FileBackend {
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
-        let path = self.token_dir(provider).join(format!("{bucket}{EXT}"));
+        self.read_token(&self.token_dir(provider).join(format!("{bucket}{EXT}")))
+    }
+
+    /// Read through the cache, which holds served tokens only: no refresh token is kept
+    /// in memory between requests.
+    fn get_served_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+    ) -> Result<Option<ServedToken>, StoreError> {
         let Some(cache) = &self.cache else {
-            return self.read_token(&path);
+            return Ok(self.get_token(provider, bucket)?.map(|t| t.served()));
         };
         if let Some(hit) = cache.token(provider, bucket) {
             return Ok(hit);
         }
         let generation = cache.generation();
-        let value = self.read_token(&path)?;
+        let value = self.get_token(provider, bucket)?.map(|t| t.served());
         cache.fill_token(generation, provider, bucket, &value);
         Ok(value)
     }
 
-    fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<Token>> {
+    fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {
         self.cache.as_ref()?.token(provider, bucket)
     }
 
@@ -946,13 +955,16 @@ mod tests {
         false
     }
 
+    /// The access token served for `provider:default`, through the read cache when on.
     fn access(b: &FileBackend, provider: &str) -> Option<String> {
-        b.get_token(provider, "default").expect("get").map(|t| {
-            t.fields()["access_token"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        b.get_served_token(provider, "default")
+            .expect("get")
+            .map(|t| {
+                t.to_token().expect("served token parses").fields()["access_token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod watch;
 use std::path::PathBuf;
 
 use crate::secret::Secret;
-use crate::token::Token;
+use crate::token::{ServedToken, Token};
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
@@ -112,9 +112,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// backend's contents, the file backend's read cache.
     fn clear(&self);
 
-    /// A token answered from memory without blocking, when the backend has it cached:
-    /// `Some(None)` means "known not stored". `None`: ask [`Backend::get_token`].
-    fn cached_token(&self, _provider: &str, _bucket: &str) -> Option<Option<Token>> {
+    /// The token of `provider:bucket` as a `get_token` reply carries it (without refresh
+    /// token, serialized). A backend with a read cache answers it from there.
+    fn get_served_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+    ) -> Result<Option<ServedToken>, StoreError> {
+        Ok(self.get_token(provider, bucket)?.map(|t| t.served()))
+    }
+
+    /// A served token answered from memory without blocking, when the backend has it
+    /// cached: `Some(None)` means "known not stored". `None`: ask
+    /// [`Backend::get_served_token`].
+    fn cached_token(&self, _provider: &str, _bucket: &str) -> Option<Option<ServedToken>> {
         None
     }
 

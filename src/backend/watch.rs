@@ -11,8 +11,8 @@
 //! value. The watcher adds a watch for a new directory before it invalidates, so no change
 //! inside it can be missed. An inotify queue overflow also drops everything.
 //!
-//! The cache holds secrets (tokens with their refresh tokens, API keys): they are wiped
-//! when dropped, and [`ReadCache::shutdown`] wipes and disables it and stops the watcher.
+//! The cache holds secrets (tokens as served, already without their refresh tokens, and
+//! API keys): they are wiped when dropped, and [`ReadCache::shutdown`] wipes and disables it and stops the watcher.
 //! When inotify is unavailable there is no cache and every read goes to disk.
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +26,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::secret::Secret;
-use crate::token::Token;
+use crate::token::ServedToken;
 
 /// How often the watcher thread checks whether it should stop.
 const STOP_CHECK: Duration = Duration::from_millis(250);
@@ -45,7 +45,7 @@ struct State {
     since: Instant,
     enabled: bool,
     /// provider → bucket → what the file held.
-    tokens: HashMap<String, HashMap<String, Option<Token>>>,
+    tokens: HashMap<String, HashMap<String, Option<ServedToken>>>,
     keys: HashMap<String, Option<Secret>>,
 }
 
@@ -74,7 +74,7 @@ impl State {
     fn invalidate(&mut self) {
         self.generation += 1;
         self.since = Instant::now();
-        // Dropping the Tokens and Secrets wipes them.
+        // Dropping the ServedTokens and Secrets wipes them.
         self.tokens.clear();
         self.keys.clear();
     }
@@ -142,7 +142,7 @@ impl ReadCache {
     }
 
     /// A cached token read: `Some(None)` for a cached "not stored".
-    pub fn token(&self, provider: &str, bucket: &str) -> Option<Option<Token>> {
+    pub fn token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {
         let mut state = self.lock();
         state.expire();
         if !state.enabled {
@@ -152,7 +152,13 @@ impl ReadCache {
     }
 
     /// Caches a token read that started at `generation`, unless anything changed since.
-    pub fn fill_token(&self, generation: u64, provider: &str, bucket: &str, value: &Option<Token>) {
+    pub fn fill_token(
+        &self,
+        generation: u64,
+        provider: &str,
+        bucket: &str,
+        value: &Option<ServedToken>,
+    ) {
         let mut state = self.lock();
         if !state.enabled || state.generation != generation {
             return;
