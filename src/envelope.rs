@@ -135,6 +135,14 @@ pub enum FrameError {
 
 /// Parses a frame body.
 pub fn parse_frame(body: &[u8]) -> Result<Frame<'_>, FrameError> {
+    match fast::parse(body) {
+        Some(frame) => Ok(frame),
+        None => parse_with_serde(body),
+    }
+}
+
+/// Parses a frame body with serde_json, whatever its shape.
+fn parse_with_serde(body: &[u8]) -> Result<Frame<'_>, FrameError> {
     match serde_json::from_slice::<Top<'_>>(body) {
         Ok(Top(Some(frame))) => Ok(frame),
         Ok(Top(None)) => Err(FrameError::NotObject),
@@ -380,6 +388,163 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     }
 }
 
+/// A scanner for the shape every real client sends: an object of plain keys, escape-free
+/// strings, small non-negative integers, `true`/`false`/`null`, and a payload object of
+/// the same. It gives up (`None`) on anything else (escapes, floats, negative numbers,
+/// nested values other than the payload, a token, any syntax error), and serde_json then
+/// decides: it only ever accepts bodies that serde_json parses to the same frame, which
+/// `tests::fast_path_agrees_with_serde` and the property tests check.
+mod fast {
+    use std::borrow::Cow;
+
+    use super::{Frame, Payload, PayloadField, Scalar, FRAME_FIELDS, PAYLOAD_FIELDS};
+
+    struct Cursor<'a> {
+        bytes: &'a [u8],
+        at: usize,
+    }
+
+    impl<'a> Cursor<'a> {
+        fn skip_ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+                self.at += 1;
+            }
+        }
+
+        fn peek(&mut self) -> Option<u8> {
+            self.skip_ws();
+            self.bytes.get(self.at).copied()
+        }
+
+        fn eat(&mut self, byte: u8) -> Option<()> {
+            (self.peek()? == byte).then(|| self.at += 1)
+        }
+
+        /// A string without escapes or control characters, valid UTF-8.
+        fn string(&mut self) -> Option<&'a str> {
+            self.eat(b'"')?;
+            let rest = &self.bytes[self.at..];
+            let len = rest
+                .iter()
+                .position(|b| matches!(b, b'"' | b'\\' | 0..=0x1f))?;
+            if rest[len] != b'"' {
+                return None;
+            }
+            self.at += len + 1;
+            std::str::from_utf8(&rest[..len]).ok()
+        }
+
+        fn literal(&mut self, word: &[u8]) -> Option<()> {
+            let end = self.at + word.len();
+            (self.bytes.get(self.at..end)? == word).then(|| self.at = end)
+        }
+
+        /// A value that is not an object or an array.
+        fn scalar(&mut self) -> Option<Scalar<'a>> {
+            match self.peek()? {
+                b'"' => self.string().map(|s| Scalar::Str(Cow::Borrowed(s))),
+                b't' => self.literal(b"true").map(|()| Scalar::Other),
+                b'f' => self.literal(b"false").map(|()| Scalar::Other),
+                b'n' => self.literal(b"null").map(|()| Scalar::Null),
+                b'0'..=b'9' => {
+                    let rest = &self.bytes[self.at..];
+                    let len = rest
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .unwrap_or(rest.len());
+                    // A leading zero, a fraction, an exponent or more digits than always
+                    // fit in a u64: serde_json decides.
+                    let leading_zero = rest[0] == b'0' && len > 1;
+                    if leading_zero || len > 18 || matches!(rest.get(len), Some(b'.' | b'e' | b'E'))
+                    {
+                        return None;
+                    }
+                    let n = rest[..len]
+                        .iter()
+                        .fold(0i128, |n, d| n * 10 + i128::from(d - b'0'));
+                    self.at += len;
+                    Some(Scalar::Int(n))
+                }
+                _ => None,
+            }
+        }
+
+        /// The members of an object whose `{` has been eaten, each handed to `member`
+        /// with the cursor on its value.
+        fn members(
+            &mut self,
+            mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
+        ) -> Option<()> {
+            if self.eat(b'}').is_some() {
+                return Some(());
+            }
+            loop {
+                let key = self.string()?;
+                self.eat(b':')?;
+                member(self, key)?;
+                match self.peek()? {
+                    b',' => self.at += 1,
+                    b'}' => {
+                        self.at += 1;
+                        return Some(());
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    fn payload<'a>(c: &mut Cursor<'a>) -> Option<PayloadField<'a>> {
+        if c.peek()? != b'{' {
+            // `null`, a string, a number: not an object. Arrays go to serde_json.
+            c.scalar()?;
+            return Some(PayloadField::NotObject);
+        }
+        c.at += 1;
+        let mut p = Payload::default();
+        c.members(|c, key| {
+            let i = PAYLOAD_FIELDS.iter().position(|name| *name == key);
+            if let Some(i) = i {
+                p.fields |= 1 << i;
+            }
+            let value = c.scalar()?;
+            match i {
+                Some(0) => p.provider = Some(value),
+                Some(1) => p.bucket = Some(value),
+                Some(2) => p.name = Some(value),
+                Some(3) => p.min_version = Some(value),
+                Some(4) => p.max_version = Some(value),
+                // A token is an object: serde_json parses it.
+                Some(_) => return None,
+                None => {}
+            }
+            Some(())
+        })?;
+        Some(PayloadField::Object(p))
+    }
+
+    /// The frame, or `None` to let serde_json decide.
+    pub(super) fn parse(body: &[u8]) -> Option<Frame<'_>> {
+        let mut c = Cursor { bytes: body, at: 0 };
+        c.eat(b'{')?;
+        let mut frame = Frame::default();
+        c.members(|c, key| {
+            match FRAME_FIELDS.iter().position(|name| *name == key) {
+                Some(0) => frame.v = Some(c.scalar()?),
+                Some(1) => frame.id = Some(c.scalar()?),
+                Some(2) => frame.op = Some(c.scalar()?),
+                Some(_) => frame.payload = Some(payload(c)?),
+                None => {
+                    c.scalar()?;
+                }
+            }
+            Some(())
+        })?;
+        c.skip_ws();
+        (c.at == body.len()).then_some(frame)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +639,197 @@ mod tests {
         ];
         for body in cases {
             agrees(&body);
+        }
+    }
+
+    /// Everything a rule can read from a frame, as text.
+    fn snapshot(f: &Frame<'_>) -> String {
+        let payload = match &f.payload {
+            None => "none".to_owned(),
+            Some(PayloadField::NotObject) => "not-object".to_owned(),
+            Some(PayloadField::Object(p)) => format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?} {}",
+                p.provider, p.bucket, p.name, p.min_version, p.max_version, p.token, p.fields
+            ),
+        };
+        format!("{:?} {:?} {:?} {payload}", f.v, f.id, f.op)
+    }
+
+    /// When the fast path accepts a body, serde_json parses it to the same frame.
+    fn fast_agrees(body: &[u8]) -> bool {
+        let Some(fast) = fast::parse(body) else {
+            return false;
+        };
+        let slow = parse_with_serde(body).unwrap_or_else(|e| {
+            panic!(
+                "fast path accepted what serde_json refuses ({e:?}): {:?}",
+                String::from_utf8_lossy(body)
+            )
+        });
+        assert_eq!(
+            snapshot(&fast),
+            snapshot(&slow),
+            "{:?}",
+            String::from_utf8_lossy(body)
+        );
+        true
+    }
+
+    #[test]
+    fn fast_path_agrees_with_serde() {
+        let taken: &[&[u8]] = &[
+            br#"{"v":1,"id":"0f8fad5b-d9cb","op":"get_token","payload":{"provider":"anthropic"}}"#,
+            br#" { "id" : 7 , "op" : "x" , "payload" : { } } "#,
+            b"{\"id\":\"a\",\n\t\"op\":\"x\"\r}",
+            br#"{"id":"a","id":"b","op":"x","op":null,"payload":{"bucket":null,"bucket":"w"}}"#,
+            "{\"id\":\"\u{e9}\",\"x\":true,\"y\":false,\"z\":null,\"n\":0,\"payload\":\"s\"}"
+                .as_bytes(),
+            br#"{"op":"handshake","payload":{"minVersion":1,"maxVersion":999999999999999999}}"#,
+            br#"{"payload":null}"#,
+            br#"{"payload":3}"#,
+            br#"{}"#,
+        ];
+        for body in taken {
+            assert!(fast_agrees(body), "{:?}", String::from_utf8_lossy(body));
+        }
+        let left_to_serde: &[&[u8]] = &[
+            br#"{"id":"a\"b"}"#,
+            br#"{"\u0069d":"a"}"#,
+            br#"{"id":-1}"#,
+            br#"{"id":-0}"#,
+            br#"{"id":01}"#,
+            br#"{"id":1.0}"#,
+            br#"{"id":1e3}"#,
+            br#"{"id":1234567890123456789}"#,
+            br#"{"id":[1]}"#,
+            br#"{"x":{}}"#,
+            br#"{"payload":[]}"#,
+            br#"{"payload":{"token":{"access_token":"a"}}}"#,
+            br#"{"payload":{"provider":{}}}"#,
+            b"{\"id\":\"\xff\"}",
+            b"{\"id\":\"a\x01\"}",
+            br#"{"id":"a"} x"#,
+            br#"{"id":"a",}"#,
+            br#"{"id":tru}"#,
+            br#"{"id":nullx}"#,
+            br#"{"id" "a"}"#,
+            br#"[]"#,
+            br#""#,
+            br#"{"#,
+        ];
+        for body in left_to_serde {
+            assert!(
+                fast::parse(body).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            agrees(body);
+        }
+    }
+
+    fn keys() -> proptest::sample::Select<&'static str> {
+        proptest::sample::select(&[
+            "\"v\"",
+            "\"id\"",
+            "\"op\"",
+            "\"provider\"",
+            "\"bucket\"",
+            "\"name\"",
+            "\"minVersion\"",
+            "\"maxVersion\"",
+            "\"token\"",
+            "\"x\"",
+            "\"\\u0069d\"",
+            "\"\"",
+        ])
+    }
+
+    fn values() -> proptest::sample::Select<&'static str> {
+        proptest::sample::select(&[
+            "\"a\"",
+            "\"get_token\"",
+            "\"\"",
+            "\"\u{e9}\u{1F600}\"",
+            "\"a\\\"b\"",
+            "\"\u{1}\"",
+            "0",
+            "7",
+            "01",
+            "-1",
+            "-0",
+            "1.5",
+            "1e3",
+            "123456789012345678",
+            "18446744073709551615",
+            "18446744073709551616",
+            "true",
+            "false",
+            "null",
+            "[]",
+            "[1,[2]]",
+            "{}",
+            "{\"a\":1}",
+            "{\"access_token\":\"t\"}",
+        ])
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4000))]
+
+        /// Bodies glued from the pieces of real and hostile requests: whenever the fast
+        /// path accepts one, serde_json parses it to the same frame; either way the
+        /// result agrees with a `Value` parse.
+        #[test]
+        fn fast_path_never_disagrees(pieces in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "{", "}", "[", "]", ":", ",", " ", "\n", "\"v\"", "\"id\"", "\"op\"",
+                "\"payload\"", "\"provider\"", "\"bucket\"", "\"name\"", "\"token\"",
+                "\"minVersion\"", "\"maxVersion\"", "\"x\"", "\"get_token\"", "\"é\"",
+                "\"a\\\"b\"", "\"\\u0041\"", "0", "01", "7", "-1", "-0", "1.5", "1e3",
+                "18446744073709551616", "123456789012345678", "true", "false", "null",
+                "tru", "\"", "\u{1}", "\"\u{1}\"",
+            ]),
+            0..24,
+        )) {
+            let body = pieces.concat();
+            fast_agrees(body.as_bytes());
+            agrees(body.as_bytes());
+        }
+
+        /// Objects of known and unknown keys with tricky values, with or without a
+        /// payload object: same checks.
+        #[test]
+        fn structured_bodies_never_disagree(
+            members in proptest::collection::vec((keys(), values()), 0..6),
+            payload in proptest::option::of(proptest::collection::vec((keys(), values()), 0..5)),
+            ws in proptest::sample::select(vec!["", " ", "\n\t"]),
+        ) {
+            let object = |pairs: &[(&str, &str)]| {
+                let inner: Vec<String> =
+                    pairs.iter().map(|(k, v)| format!("{ws}{k}{ws}:{ws}{v}{ws}")).collect();
+                format!("{{{}}}", inner.join(","))
+            };
+            let mut pairs = members.clone();
+            let payload_text = payload.as_deref().map(object);
+            if let Some(p) = &payload_text {
+                pairs.push(("\"payload\"", p));
+            }
+            let body = object(&pairs);
+            fast_agrees(body.as_bytes());
+            agrees(body.as_bytes());
+        }
+
+        /// Well-formed requests with random names and ids take the fast path.
+        #[test]
+        fn plain_requests_take_the_fast_path(
+            id in "[a-z0-9-]{1,40}",
+            provider in "[A-Za-z0-9._@-]{1,64}",
+            n in 0u64..1_000_000,
+        ) {
+            let body = format!(
+                r#"{{"v":1,"id":"{id}","op":"get_token","payload":{{"provider":"{provider}","bucket":{n}}}}}"#
+            );
+            proptest::prop_assert!(fast_agrees(body.as_bytes()));
         }
     }
 

@@ -103,41 +103,49 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Starts a session actor on the current arbiter for an accepted, peer-checked stream.
     pub fn spawn(stream: UnixStream, id: u64, peer: Peer, shared: Arc<Shared>) -> Addr<Session> {
-        Session::create(move |ctx| {
-            let (read, write) = stream.into_split();
-            let outbox = Outbox::new();
-            let frames = FramedRead::with_capacity(read, FrameCodec::new(), INITIAL_READ_BUFFER);
-            let reader = ctx.add_stream(outbox.pause_reads(frames));
-            ctx.spawn(outbox.writer(
-                write,
-                |act: &mut Session, ctx: &mut Context<Session>, result| {
-                    if let Err(e) = result {
-                        tracing::debug!(session = act.id, error = %e, "write failed");
-                        if act.phase != Phase::Closing {
-                            act.close_reason = "io-error";
-                        }
+        Session::create(move |ctx| Session::new(stream, id, peer, shared, ctx))
+    }
+
+    fn new(
+        stream: UnixStream,
+        id: u64,
+        peer: Peer,
+        shared: Arc<Shared>,
+        ctx: &mut Context<Session>,
+    ) -> Session {
+        let (read, write) = stream.into_split();
+        let outbox = Outbox::new();
+        let frames = FramedRead::with_capacity(read, FrameCodec::new(), INITIAL_READ_BUFFER);
+        let reader = ctx.add_stream(outbox.pause_reads(frames));
+        ctx.spawn(outbox.writer(
+            write,
+            |act: &mut Session, ctx: &mut Context<Session>, result| {
+                if let Err(e) = result {
+                    tracing::debug!(session = act.id, error = %e, "write failed");
+                    if act.phase != Phase::Closing {
+                        act.close_reason = "io-error";
                     }
-                    // Flushed after a close, or the peer is gone: either way this session ends.
-                    ctx.stop();
-                },
-            ));
-            let limits = &shared.limits;
-            Session {
-                id,
-                peer,
-                outbox,
-                reader: Some(reader),
-                phase: Phase::Handshake,
-                handshake_timer: None,
-                partial_timer: None,
-                limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
-                in_flight: HashSet::new(),
-                close_reason: "eof",
-                answered: 0,
-                drain_waiters: Vec::new(),
-                shared,
-            }
-        })
+                }
+                // Flushed after a close, or the peer is gone: either way this session ends.
+                ctx.stop();
+            },
+        ));
+        let limits = &shared.limits;
+        Session {
+            id,
+            peer,
+            outbox,
+            reader: Some(reader),
+            phase: Phase::Handshake,
+            handshake_timer: None,
+            partial_timer: None,
+            limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
+            in_flight: HashSet::new(),
+            close_reason: "eof",
+            answered: 0,
+            drain_waiters: Vec::new(),
+            shared,
+        }
     }
 
     /// Frames and queues `body`, then wipes it (it may hold a secret). The caller checks
@@ -297,14 +305,18 @@ impl Session {
             );
             return self.refuse(&id, &r, None);
         }
-        if self.in_flight.contains(&id) {
+        // One hash for the duplicate check and the insert; undone if the request fails.
+        if !self.in_flight.insert(id.clone()) {
             return self.refuse(&id, &Rejection::invalid("duplicate request id"), None);
         }
         let request = match protocol::parse_op(&envelope.op)
             .and_then(|op| Request::parse(op, envelope.payload))
         {
             Ok(request) => request,
-            Err(rejection) => return self.refuse(&id, &rejection, None),
+            Err(rejection) => {
+                self.in_flight.remove(&id);
+                return self.refuse(&id, &rejection, None);
+            }
         };
         let op = request.op();
         let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
@@ -312,7 +324,6 @@ impl Session {
             let own = |s: Option<&str>| s.map(str::to_owned);
             [own(t.provider), own(t.bucket), own(t.key)]
         });
-        self.in_flight.insert(id.clone());
         let work = execute(Arc::clone(&self.shared), request);
         ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
             act.finish(&id, op, target, result, ctx);

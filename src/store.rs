@@ -189,18 +189,15 @@ impl CredentialStore {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        // Look up before inserting: the hot path must not allocate the key every time.
-        if !self.stats.contains_key(provider) {
-            self.stats.insert(provider.to_owned(), HashMap::new());
-        }
-        let Some(buckets) = self.stats.get_mut(provider) else {
-            return;
+        // Look up before inserting: the hot path must neither allocate the key nor hash
+        // it twice.
+        let buckets = match self.stats.get_mut(provider) {
+            Some(buckets) => buckets,
+            None => self.stats.entry(provider.to_owned()).or_default(),
         };
-        if !buckets.contains_key(bucket) {
-            buckets.insert(bucket.to_owned(), Counter::default());
-        }
-        let Some(counter) = buckets.get_mut(bucket) else {
-            return;
+        let counter = match buckets.get_mut(bucket) {
+            Some(counter) => counter,
+            None => buckets.entry(bucket.to_owned()).or_default(),
         };
         counter.count += 1;
         counter.last_used_ms = now_ms;
