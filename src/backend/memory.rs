@@ -7,12 +7,18 @@ use std::sync::{Mutex, MutexGuard};
 use super::{check_name as check, Backend, SaveMode, StoreError};
 use crate::names::NameKind;
 use crate::secret::Secret;
-use crate::token::Token;
+use crate::token::{ServedToken, Token};
+
+/// A stored token and its served form, made once when it is stored.
+struct Stored {
+    token: Token,
+    served: ServedToken,
+}
 
 #[derive(Default)]
 struct Contents {
     /// provider → bucket → token; BTreeMaps so that lists come out sorted.
-    tokens: BTreeMap<String, BTreeMap<String, Token>>,
+    tokens: BTreeMap<String, BTreeMap<String, Stored>>,
     keys: BTreeMap<String, Secret>,
     cleared: bool,
 }
@@ -68,7 +74,28 @@ impl Backend for MemoryBackend {
 
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         let c = self.lock()?;
-        Ok(c.tokens.get(provider).and_then(|b| b.get(bucket)).cloned())
+        Ok(c.tokens
+            .get(provider)
+            .and_then(|b| b.get(bucket))
+            .map(|s| s.token.clone()))
+    }
+
+    fn get_served_token(
+        &self,
+        provider: &str,
+        bucket: &str,
+    ) -> Result<Option<ServedToken>, StoreError> {
+        let c = self.lock()?;
+        Ok(c.tokens
+            .get(provider)
+            .and_then(|b| b.get(bucket))
+            .map(|s| s.served.clone()))
+    }
+
+    /// Everything is in memory: always answered (unless cleared, which the store's
+    /// ordinary path then reports).
+    fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {
+        self.get_served_token(provider, bucket).ok()
     }
 
     fn save_token(
@@ -82,11 +109,12 @@ impl Backend for MemoryBackend {
         check(NameKind::Bucket, bucket)?;
         let mut c = self.lock()?;
         let buckets = c.tokens.entry(provider.to_owned()).or_default();
-        let next = match (mode, buckets.get(bucket)) {
-            (SaveMode::Merge, Some(stored)) => stored.merge(incoming),
+        let token = match (mode, buckets.get(bucket)) {
+            (SaveMode::Merge, Some(stored)) => stored.token.merge(incoming),
             _ => incoming.clone(),
         };
-        buckets.insert(bucket.to_owned(), next);
+        let served = token.served();
+        buckets.insert(bucket.to_owned(), Stored { token, served });
         Ok(())
     }
 
@@ -134,7 +162,7 @@ impl Backend for MemoryBackend {
 
     fn clear(&self) {
         let mut c = self.contents.lock().unwrap_or_else(|e| e.into_inner());
-        // Dropping the Tokens and Secrets wipes their memory.
+        // Dropping the Tokens, ServedTokens and Secrets wipes their memory.
         c.tokens.clear();
         c.keys.clear();
         c.cleared = true;
