@@ -146,7 +146,7 @@ impl Actor for ScopePolicy {
 }
 
 /// What a decision is about.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
     /// `provider:bucket` for reading (`get_token`, `get_bucket_stats`).
     Read {

@@ -33,6 +33,10 @@ use crate::store::{self, CredentialStore};
 /// Read buffer a new connection starts with; it grows to fit the frames actually sent.
 const INITIAL_READ_BUFFER: usize = 1024;
 
+/// Allowed subjects a session remembers; a client that uses more is asked about again
+/// (a sandbox uses a handful of provider:bucket pairs and keys).
+pub const MAX_REMEMBERED: usize = 8;
+
 /// What a session needs from the rest of the server; shared by every session.
 #[derive(Debug)]
 pub struct Shared {
@@ -81,6 +85,11 @@ pub struct Session {
     limiter: RateLimiter,
     /// Ids of the requests in flight, for the in-flight bound and duplicate ids.
     in_flight: HashSet<String>,
+    /// Subjects the `ScopePolicy` allowed on this connection (at most
+    /// [`MAX_REMEMBERED`]). The profile cannot change while the server runs, so the
+    /// policy's answer for a subject cannot change either: asking again would only cost a
+    /// round trip per request. Refusals are never remembered.
+    allowed: Vec<Subject>,
     /// Why the session is ending, for the close log line and the drain report.
     close_reason: &'static str,
     /// Requests answered on this connection.
@@ -141,6 +150,7 @@ impl Session {
             partial_timer: None,
             limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
             in_flight: HashSet::new(),
+            allowed: Vec::new(),
             close_reason: "eof",
             answered: 0,
             drain_waiters: Vec::new(),
@@ -324,8 +334,20 @@ impl Session {
             let own = |s: Option<&str>| s.map(str::to_owned);
             [own(t.provider), own(t.bucket), own(t.key)]
         });
-        let work = execute(Arc::clone(&self.shared), request);
+        // A subject the policy already allowed on this connection is not asked about
+        // again (see `allowed`); a new one is remembered if the policy allows it.
+        let known = self.allowed.iter().any(|s| is_subject_of(s, &request));
+        let remember = if known { None } else { subject_of(&request) };
+        let work = execute(Arc::clone(&self.shared), request, known);
         ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
+            // Only an answer the store gave proves the policy said Allow.
+            let allowed =
+                result.is_ok() || matches!(&result, Err(r) if r.code == ErrorCode::NotFound);
+            if let Some(subject) = remember.filter(|_| allowed) {
+                if act.allowed.len() < MAX_REMEMBERED && !act.allowed.contains(&subject) {
+                    act.allowed.push(subject);
+                }
+            }
             act.finish(&id, op, target, result, ctx);
         }));
     }
@@ -544,15 +566,84 @@ async fn filtered(
         .map_err(|_| internal())
 }
 
-/// Runs one checked request: scope, then the store.
-async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rejection> {
+/// The subject the policy decides on for `request` (`None` for the lists, which the
+/// policy filters instead).
+fn subject_of(request: &Request) -> Option<Subject> {
+    Some(match request {
+        Request::GetToken { provider, bucket } | Request::GetBucketStats { provider, bucket } => {
+            Subject::Read {
+                provider: provider.clone(),
+                bucket: bucket.clone(),
+            }
+        }
+        Request::SaveToken {
+            provider, bucket, ..
+        }
+        | Request::RemoveToken { provider, bucket } => Subject::Write {
+            provider: provider.clone(),
+            bucket: bucket.clone(),
+        },
+        Request::ListBuckets { provider } => Subject::Provider(provider.clone()),
+        Request::GetApiKey { name } | Request::HasApiKey { name } => Subject::Key(name.clone()),
+        Request::ListProviders | Request::ListApiKeys => return None,
+    })
+}
+
+/// True when `subject` is what the policy decides on for `request` (no copy).
+fn is_subject_of(subject: &Subject, request: &Request) -> bool {
+    match (subject, request) {
+        (
+            Subject::Read { provider, bucket },
+            Request::GetToken {
+                provider: p,
+                bucket: b,
+            }
+            | Request::GetBucketStats {
+                provider: p,
+                bucket: b,
+            },
+        )
+        | (
+            Subject::Write { provider, bucket },
+            Request::SaveToken {
+                provider: p,
+                bucket: b,
+                ..
+            }
+            | Request::RemoveToken {
+                provider: p,
+                bucket: b,
+            },
+        ) => provider == p && bucket == b,
+        (Subject::Provider(provider), Request::ListBuckets { provider: p }) => provider == p,
+        (Subject::Key(name), Request::GetApiKey { name: n } | Request::HasApiKey { name: n }) => {
+            name == n
+        }
+        _ => false,
+    }
+}
+
+/// Runs one checked request: scope (unless the session knows the policy allows its
+/// subject), then the store.
+async fn execute(
+    shared: Arc<Shared>,
+    request: Request,
+    known: bool,
+) -> Result<ReplyData, Rejection> {
     let sh = shared.as_ref();
     let store = &sh.store;
+    let check = |subject: Subject| async move {
+        if known {
+            Ok(subject)
+        } else {
+            scope(sh, subject).await
+        }
+    };
     let read = |provider, bucket| Subject::Read { provider, bucket };
     let write = |provider, bucket| Subject::Write { provider, bucket };
     match request {
         Request::GetToken { provider, bucket } => {
-            let (provider, bucket) = scope(sh, read(provider, bucket)).await?.into_names();
+            let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
             match store.send(store::GetToken { provider, bucket }).await {
                 Ok(Ok(Some(token))) => Ok(ReplyData::Token(token)),
                 Ok(Ok(None)) => Err(not_found("token")),
@@ -564,7 +655,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             bucket,
             token,
         } => {
-            let (provider, bucket) = scope(sh, write(provider, bucket)).await?.into_names();
+            let (provider, bucket) = check(write(provider, bucket)).await?.into_names();
             let save = store::SaveToken {
                 provider,
                 bucket,
@@ -576,7 +667,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             }
         }
         Request::RemoveToken { provider, bucket } => {
-            let (provider, bucket) = scope(sh, write(provider, bucket)).await?.into_names();
+            let (provider, bucket) = check(write(provider, bucket)).await?.into_names();
             match store.send(store::RemoveToken { provider, bucket }).await {
                 Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
                 _ => Err(internal()),
@@ -591,7 +682,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "providers": providers })))
         }
         Request::ListBuckets { provider } => {
-            let (provider, _) = scope(sh, Subject::Provider(provider)).await?.into_names();
+            let (provider, _) = check(Subject::Provider(provider)).await?.into_names();
             let all = store
                 .send(store::ListBuckets {
                     provider: provider.clone(),
@@ -602,7 +693,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "buckets": buckets })))
         }
         Request::GetBucketStats { provider, bucket } => {
-            let (provider, bucket) = scope(sh, read(provider, bucket)).await?.into_names();
+            let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
             match store
                 .send(store::GetStats {
                     provider,
@@ -626,7 +717,7 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             }
         }
         Request::GetApiKey { name } => {
-            let (name, _) = scope(sh, Subject::Key(name)).await?.into_names();
+            let (name, _) = check(Subject::Key(name)).await?.into_names();
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(Some(key))) => Ok(ReplyData::Json(json!({ "key": key.expose() }))),
                 Ok(Ok(None)) => Err(not_found("API key")),
@@ -639,11 +730,79 @@ async fn execute(shared: Arc<Shared>, request: Request) -> Result<ReplyData, Rej
             Ok(ReplyData::Json(json!({ "keys": keys })))
         }
         Request::HasApiKey { name } => {
-            let (name, _) = scope(sh, Subject::Key(name)).await?.into_names();
+            let (name, _) = check(Subject::Key(name)).await?.into_names();
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(key)) => Ok(ReplyData::Json(json!({ "exists": key.is_some() }))),
                 _ => Err(internal()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Token;
+
+    fn requests() -> Vec<Request> {
+        let token = || {
+            Token::from_value(serde_json::json!({"access_token":"a","expiry":1,"token_type":"B"}))
+                .expect("token")
+        };
+        let (p, b) = (|| "p".to_owned(), || "b".to_owned());
+        vec![
+            Request::GetToken {
+                provider: p(),
+                bucket: b(),
+            },
+            Request::GetBucketStats {
+                provider: p(),
+                bucket: b(),
+            },
+            Request::SaveToken {
+                provider: p(),
+                bucket: b(),
+                token: token(),
+            },
+            Request::RemoveToken {
+                provider: p(),
+                bucket: b(),
+            },
+            Request::ListBuckets { provider: p() },
+            Request::GetApiKey { name: p() },
+            Request::HasApiKey { name: p() },
+            Request::ListProviders,
+            Request::ListApiKeys,
+        ]
+    }
+
+    /// The remembered-subject check matches exactly the subject the policy was asked
+    /// about: a subject remembered for one request kind never stands in for another
+    /// (a read for a write, a provider for a key of the same name).
+    #[test]
+    fn a_remembered_subject_matches_only_its_own_kind_of_request() {
+        for request in requests() {
+            let Some(subject) = subject_of(&request) else {
+                assert!(matches!(
+                    request,
+                    Request::ListProviders | Request::ListApiKeys
+                ));
+                continue;
+            };
+            for other in requests() {
+                let same_subject = subject_of(&other).as_ref() == Some(&subject);
+                assert_eq!(
+                    is_subject_of(&subject, &other),
+                    same_subject,
+                    "{subject:?} against {:?}",
+                    other.op()
+                );
+            }
+        }
+        let read = Subject::Read {
+            provider: "p".into(),
+            bucket: "other".into(),
+        };
+        assert!(!is_subject_of(&read, &requests()[0]), "bucket compared");
     }
 }

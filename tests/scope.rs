@@ -434,3 +434,88 @@ fn schema_is_checked_before_read_only() {
     );
     assert_err(&reply, "2", "INVALID_REQUEST");
 }
+
+// ---- decisions remembered by a session ----
+
+/// A session remembers the subjects the policy allowed; what it remembers must never
+/// widen what the profile allows: a read of `provider:bucket` allows no write of it, a
+/// refusal is asked about again every time, and a session that uses more subjects than
+/// it remembers is still answered right.
+#[test]
+fn remembered_decisions_never_widen_the_profile() {
+    let mut p = profile(&["anthropic:default"], &["allowed-key"]);
+    p.read_only = true;
+    let ts = TestServer::start_with(p, short_limits(), seeded());
+    ts.backend
+        .set_key("allowed-key", &Secret::from("k"))
+        .expect("seed key");
+    let mut c = ts.connect();
+    for round in 0..3 {
+        let id = |n: u32| format!("{round}-{n}");
+        let reply = c.call(&id(1), "get_token", json!({"provider": "anthropic"}));
+        assert_eq!(reply, ok(&id(1), seeded_token("at-anthropic-default")));
+        let reply = c.call(
+            &id(2),
+            "save_token",
+            json!({"provider": "anthropic", "token": new_token()}),
+        );
+        assert_err(&reply, &id(2), "FORBIDDEN");
+        let reply = c.call(&id(3), "remove_token", json!({"provider": "anthropic"}));
+        assert_err(&reply, &id(3), "FORBIDDEN");
+        let reply = c.call(
+            &id(4),
+            "get_token",
+            json!({"provider": "anthropic", "bucket": "work"}),
+        );
+        assert_unauthorized(&reply, &id(4));
+        let reply = c.call(&id(5), "list_buckets", json!({"provider": "anthropic"}));
+        assert_eq!(reply, ok(&id(5), json!({"buckets": ["default"]})));
+        let reply = c.call(&id(9), "list_buckets", json!({"provider": "gemini"}));
+        assert_unauthorized(&reply, &id(9));
+        let reply = c.call(&id(6), "get_api_key", json!({"name": "allowed-key"}));
+        assert_eq!(reply, ok(&id(6), json!({"key": "k"})));
+        let reply = c.call(&id(7), "get_api_key", json!({"name": "openai"}));
+        assert_unauthorized(&reply, &id(7));
+        let reply = c.call(&id(8), "has_api_key", json!({"name": "allowed-key"}));
+        assert_eq!(reply, ok(&id(8), json!({"exists": true})));
+    }
+    assert_eq!(
+        stored(&ts, "anthropic", "default").map(|t| t["access_token"].clone()),
+        Some(json!("at-anthropic-default")),
+        "nothing was written"
+    );
+}
+
+#[test]
+fn more_subjects_than_a_session_remembers_are_all_decided_right() {
+    let n = credproxy::session::MAX_REMEMBERED + 4;
+    let buckets: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+    let spec = format!("anthropic:{}", buckets[..n - 1].join(","));
+    let ts = serve(profile(&[spec.as_str()], &[]));
+    for b in &buckets {
+        ts.backend
+            .save_token(
+                "anthropic",
+                b,
+                &token(&format!("at-{b}"), None),
+                credproxy::backend::SaveMode::Replace,
+            )
+            .expect("seed");
+    }
+    let mut c = ts.connect();
+    for round in 0..2 {
+        for (i, b) in buckets.iter().enumerate() {
+            let id = format!("{round}-{i}");
+            let reply = c.call(
+                &id,
+                "get_token",
+                json!({"provider": "anthropic", "bucket": b}),
+            );
+            if i < n - 1 {
+                assert_eq!(data(&reply)["access_token"], json!(format!("at-{b}")));
+            } else {
+                assert_unauthorized(&reply, &id);
+            }
+        }
+    }
+}
