@@ -5,7 +5,8 @@
 # 1. Load: CONNS connections at RATE get_token requests/s each for DUR seconds (paced, one
 #    request in flight per connection, under the 60/s limit). Checks: zero errors; after
 #    every client has disconnected, the server's open fds back to the baseline (polled
-#    for up to 10 s); its RSS within 10 % of the baseline. The baseline (fds, VmRSS) is
+#    for up to 10 s); its RSS within 10 % of the baseline (polled for up to 3 s more: the
+#    server gives memory back 250 ms after its last connection closed). The baseline (fds, VmRSS) is
 #    taken after a warm-up of a few requests on one connection.
 # 2. Idle: IDLE connections, each handshaken, then held idle for IDLE_DUR seconds. Reports
 #    the RSS per idle connection ((max RSS while held - RSS before) / connections), and
@@ -137,7 +138,12 @@ for round in $(seq "$ROUNDS"); do
   back_ms=$(($(now_ms) - t0))
   touch "$OUT/stop"
   wait "$SAMPLER" || true
-  echo "$round $lg_rc $(fds "$SPID") $back_ms $(rss_kib "$SPID") $(cat "$OUT/soak.peak.$round") $(hwm_kib "$SPID")" >>"$OUT/soak.rounds"
+  # The server gives freed memory back a moment after its last connection closed
+  # (src/memory.rs): poll RSS for up to 3 s, until within 10 % of the baseline.
+  t1=$(now_ms)
+  while [ "$(rss_kib "$SPID")" -gt $((BASE_RSS * 110 / 100)) ] && [ $(($(now_ms) - t1)) -lt 3000 ]; do sleep 0.05; done
+  rss_ms=$(($(now_ms) - t1))
+  echo "$round $lg_rc $(fds "$SPID") $back_ms $(rss_kib "$SPID") $(cat "$OUT/soak.peak.$round") $(hwm_kib "$SPID") $rss_ms" >>"$OUT/soak.rounds"
   cat "$OUT/soak.$round.err" >&2
 done
 soak_stop_rc=0
@@ -209,9 +215,9 @@ def check(ok, what):
 
 rows = []
 for line in open(f"{out}/soak.rounds"):
-    r, rc, fds_after, back_ms, rss_after, peak, hwm = map(int, line.split())
+    r, rc, fds_after, back_ms, rss_after, peak, hwm, rss_ms = map(int, line.split())
     rows.append(dict(round=r, rc=rc, fds_after=fds_after, back_ms=back_ms,
-                     rss_after=rss_after, peak=max(peak, rss_after), hwm=hwm,
+                     rss_after=rss_after, peak=max(peak, rss_after), hwm=hwm, rss_ms=rss_ms,
                      lg=last_json(f"{out}/soak.{r}.json")))
 
 print()
@@ -242,7 +248,7 @@ for row in rows:
           f" other load on the machine {d.get('other_load_cores', float('nan')):.2f} cores")
     print(f"  fds: baseline {base_fds}, after {row['fds_after']} ({row['back_ms'] / 1000:.2f} s after loadgen exit)")
     print(f"  rss: baseline {base_rss} KiB, peak {row['peak']} KiB (VmHWM {row['hwm']} KiB), after {row['rss_after']} KiB"
-          f" = {row['rss_after'] / base_rss:.2f} x baseline")
+          f" = {row['rss_after'] / base_rss:.2f} x baseline ({row['rss_ms'] / 1000:.2f} s after the fds)")
 if len(rows) > 1:
     print(f"rss after each round (KiB): {[r['rss_after'] for r in rows]};"
           f" growth round 1 -> {len(rows)}: {rows[-1]['rss_after'] - rows[0]['rss_after']} KiB")
@@ -251,7 +257,7 @@ check(total_err == 0 and total_ok > 0, f"zero errors ({total_ok} ok, {total_err}
 check(all(r["fds_after"] <= base_fds for r in rows),
       f"fds back to baseline ({base_fds} -> {', '.join(str(r['fds_after']) for r in rows)})")
 ratio = last["rss_after"] / base_rss
-check(ratio <= 1.10, f"RSS within 10% of baseline after disconnect ({base_rss} -> {last['rss_after']} KiB, {ratio:.2f} x)")
+check(ratio <= 1.10, f"RSS within 10% of baseline after disconnect ({base_rss} -> {last['rss_after']} KiB, {ratio:.2f} x, {last['rss_ms'] / 1000:.2f} s after the fds)")
 check(stop_rcs[0] == 0, f"server exited 0 on SIGTERM after the soak (exit {stop_rcs[0]})")
 
 print()
@@ -283,7 +289,7 @@ if s:
     print(f"| latency p50 / p99 | {s['latency_us']['p50'] / 1000:.2f} / {s['latency_us']['p99'] / 1000:.2f} ms |")
     print(f"| server CPU per request | {s.get('server_cpu_us_per_reply', float('nan')):.1f} us |")
 print(f"| open fds baseline / after | {base_fds} / {last['fds_after']} (after {last['back_ms'] / 1000:.2f} s) |")
-print(f"| RSS baseline / peak / after | {mib(base_rss)} / {mib(max(r['peak'] for r in rows))} / {mib(last['rss_after'])} MiB (after = {ratio:.2f} x baseline) |")
+print(f"| RSS baseline / peak / after | {mib(base_rss)} / {mib(max(r['peak'] for r in rows))} / {mib(last['rss_after'])} MiB (after = {ratio:.2f} x baseline, {last['rss_ms'] / 1000:.2f} s after the fds) |")
 print(f"| idle connections | {established} established, {held} still open at {late_at_s:.1f} s of {idle_dur} s |")
 print(f"| RSS idle: before / held | {mib(idle_base_rss)} / {mib(idle_peak)} MiB |")
 print(f"| RSS per idle connection | {per_conn:.2f} KiB |")

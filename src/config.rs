@@ -71,6 +71,10 @@ pub struct Config {
     pub extra_uids: Vec<u32>,
     /// Limits and timers.
     pub limits: Limits,
+    /// Give freed heap memory back to the system (glibc `malloc_trim`, see
+    /// [`crate::memory`]) shortly after the last connection closes. It acts on the whole
+    /// process, so it is off by default; `credproxy serve` and `exec` turn it on.
+    pub release_memory_when_idle: bool,
 }
 
 impl Config {
@@ -83,6 +87,7 @@ impl Config {
             profile: Profile::default(),
             extra_uids: Vec::new(),
             limits: Limits::default(),
+            release_memory_when_idle: false,
         }
     }
 }

@@ -60,6 +60,10 @@ pub struct Supervisor {
     next_id: u64,
     rejected_peers: u64,
     shutting_down: bool,
+    /// See [`Config::release_memory_when_idle`].
+    release_memory_when_idle: bool,
+    /// The idle tidy-up is scheduled.
+    tidy_pending: bool,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -180,6 +184,8 @@ impl Supervisor {
             next_id: 0,
             rejected_peers: 0,
             shutting_down: false,
+            release_memory_when_idle: config.release_memory_when_idle,
+            tidy_pending: false,
         }
         .start();
         tracing::info!(socket = %path.display(), "credential proxy listening");
@@ -268,11 +274,35 @@ impl StreamHandler<UnixStream> for Supervisor {
     }
 }
 
+/// How long the server must have had no connection before the idle tidy-up runs: a
+/// client that connects once per command must not pay for a trim every time.
+const IDLE_TIDY_DELAY: Duration = Duration::from_millis(250);
+
 impl Handler<SessionClosed> for Supervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: SessionClosed, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: SessionClosed, ctx: &mut Context<Self>) {
         self.sessions.remove(&msg.id);
+        if self.sessions.is_empty() && !self.tidy_pending && !self.shutting_down {
+            self.tidy_pending = true;
+            ctx.run_later(IDLE_TIDY_DELAY, |act, _| act.tidy_if_idle());
+        }
+    }
+}
+
+impl Supervisor {
+    /// After a burst of connections: the session table keeps the capacity of its peak
+    /// unless shrunk, and glibc keeps freed pages (see [`crate::memory`]).
+    fn tidy_if_idle(&mut self) {
+        self.tidy_pending = false;
+        if !self.sessions.is_empty() || self.shutting_down {
+            return;
+        }
+        self.sessions.shrink_to_fit();
+        if self.release_memory_when_idle {
+            let released = crate::memory::release_free_memory();
+            tracing::debug!(released, "idle: freed memory returned to the system");
+        }
     }
 }
 

@@ -121,6 +121,8 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     config.profile = profile;
     config.socket_dir = args.socket_dir.clone();
     config.extra_uids = args.allow_uid.clone();
+    // The server is the whole process here: give memory back after a burst.
+    config.release_memory_when_idle = true;
     if let Some(rate) = args.rate_limit.or(file_rate) {
         config.limits.rate_limit = rate;
     }
