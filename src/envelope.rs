@@ -196,6 +196,36 @@ impl<'de> Visitor<'de> for KeyIn {
     }
 }
 
+/// The visits of a boolean, a number, a string or `null`, each giving `$none`: for the
+/// values that must be objects.
+macro_rules! not_an_object {
+    ($value:ty, $none:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<$value, E> {
+            Ok($none)
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<$value, E> {
+            Ok($none)
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<$value, E> {
+            Ok($none)
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<$value, E> {
+            Ok($none)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<$value, E> {
+            Ok($none)
+        }
+
+        fn visit_unit<E>(self) -> Result<$value, E> {
+            Ok($none)
+        }
+    };
+}
+
 /// The top-level value: `Some` for an object.
 struct Top<'a>(Option<Frame<'a>>);
 
@@ -235,29 +265,7 @@ impl<'de> Visitor<'de> for TopVisitor {
         Ok(Top(None))
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
-
-    fn visit_unit<E>(self) -> Result<Top<'de>, E> {
-        Ok(Top(None))
-    }
+    not_an_object!(Top<'de>, Top(None));
 }
 
 impl<'de> Deserialize<'de> for PayloadField<'de> {
@@ -305,29 +313,7 @@ impl<'de> Visitor<'de> for PayloadVisitor {
         Ok(PayloadField::NotObject)
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
-
-    fn visit_unit<E>(self) -> Result<PayloadField<'de>, E> {
-        Ok(PayloadField::NotObject)
-    }
+    not_an_object!(PayloadField<'de>, PayloadField::NotObject);
 }
 
 impl<'de> Deserialize<'de> for Scalar<'de> {

@@ -483,12 +483,12 @@ struct ErrReply<'a> {
 pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
     const HEAD: &[u8] = br#"{"v":1,"id":"#;
     const OK: &[u8] = br#","ok":true,"data":"#;
-    // Sized up front so that the buffer (which may hold a secret) is not reallocated,
-    // leaving unwiped copies behind: exactly for a served token (an id escapes to at most
-    // six bytes a byte), generously for the small JSON replies.
+    // Sized up front so that the buffer (which may hold a secret: a token, an API key)
+    // is never reallocated, leaving unwiped copies behind. An id escapes to at most six
+    // bytes a byte; other data is measured by a first, counting serialization.
     let data_len = match data {
         ReplyData::Token(t) => t.json().len(),
-        ReplyData::Json(_) => 512,
+        ReplyData::Json(v) => crate::token::json_len(v),
     };
     let mut out = Vec::with_capacity(HEAD.len() + 2 + 6 * id.len() + OK.len() + data_len + 1);
     out.extend_from_slice(HEAD);
@@ -695,6 +695,15 @@ mod tests {
             json!({"access_token":"a","expiry":1,"token_type":"B","refresh_token":"R"}),
         )
         .expect("token");
+        // A long API key: the buffer is sized for it, never grown (a reallocation
+        // would leave an unwiped copy of the key behind).
+        let body = ok_reply("1", &ReplyData::Json(json!({"key": "k".repeat(5000)})));
+        assert!(
+            body.capacity() <= body.len() + 8,
+            "{} > {}",
+            body.capacity(),
+            body.len()
+        );
         let id = "q\"\u{1}\\é";
         let body = ok_reply(id, &ReplyData::Token(token.served()));
         assert_eq!(

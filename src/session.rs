@@ -339,17 +339,18 @@ impl Session {
         let known = self.allowed.iter().any(|s| is_subject_of(s, &request));
         let remember = if known { None } else { subject_of(&request) };
         let work = execute(Arc::clone(&self.shared), request, known);
-        ctx.spawn(work.into_actor(self).map(move |result, act, ctx| {
-            // Only an answer the store gave proves the policy said Allow.
-            let allowed =
-                result.is_ok() || matches!(&result, Err(r) if r.code == ErrorCode::NotFound);
-            if let Some(subject) = remember.filter(|_| allowed) {
-                if act.allowed.len() < MAX_REMEMBERED && !act.allowed.contains(&subject) {
-                    act.allowed.push(subject);
-                }
-            }
-            act.finish(&id, op, target, result, ctx);
-        }));
+        ctx.spawn(
+            work.into_actor(self)
+                .map(move |(result, allowed), act, ctx| {
+                    // Remembered only when the policy itself answered Allow for this subject.
+                    if let Some(subject) = remember.filter(|_| allowed) {
+                        if act.allowed.len() < MAX_REMEMBERED && !act.allowed.contains(&subject) {
+                            act.allowed.push(subject);
+                        }
+                    }
+                    act.finish(&id, op, target, result, ctx);
+                }),
+        );
     }
 
     fn finish(
@@ -624,20 +625,32 @@ fn is_subject_of(subject: &Subject, request: &Request) -> bool {
 }
 
 /// Runs one checked request: scope (unless the session knows the policy allows its
-/// subject), then the store.
+/// subject), then the store. The flag is true when the policy answered `Allow` for the
+/// request's subject during this call.
 async fn execute(
     shared: Arc<Shared>,
     request: Request,
     known: bool,
+) -> (Result<ReplyData, Rejection>, bool) {
+    let allowed = std::cell::Cell::new(false);
+    let result = run(&shared, request, known, &allowed).await;
+    (result, allowed.get())
+}
+
+async fn run(
+    sh: &Shared,
+    request: Request,
+    known: bool,
+    allowed: &std::cell::Cell<bool>,
 ) -> Result<ReplyData, Rejection> {
-    let sh = shared.as_ref();
     let store = &sh.store;
     let check = |subject: Subject| async move {
         if known {
-            Ok(subject)
-        } else {
-            scope(sh, subject).await
+            return Ok(subject);
         }
+        let subject = scope(sh, subject).await?;
+        allowed.set(true);
+        Ok(subject)
     };
     let read = |provider, bucket| Subject::Read { provider, bucket };
     let write = |provider, bucket| Subject::Write { provider, bucket };

@@ -64,6 +64,8 @@ pub struct Supervisor {
     release_memory_when_idle: bool,
     /// The idle tidy-up is scheduled.
     tidy_pending: bool,
+    /// When memory was last given back.
+    last_release: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -186,6 +188,7 @@ impl Supervisor {
             shutting_down: false,
             release_memory_when_idle: config.release_memory_when_idle,
             tidy_pending: false,
+            last_release: None,
         }
         .start();
         tracing::info!(socket = %path.display(), "credential proxy listening");
@@ -278,6 +281,10 @@ impl StreamHandler<UnixStream> for Supervisor {
 /// client that connects once per command must not pay for a trim every time.
 const IDLE_TIDY_DELAY: Duration = Duration::from_millis(250);
 
+/// Memory is given back at most this often, however often a client makes the server
+/// idle (a sandbox that connects and disconnects in a loop).
+const MIN_RELEASE_INTERVAL: Duration = Duration::from_secs(2);
+
 impl Handler<SessionClosed> for Supervisor {
     type Result = ();
 
@@ -285,7 +292,7 @@ impl Handler<SessionClosed> for Supervisor {
         self.sessions.remove(&msg.id);
         if self.sessions.is_empty() && !self.tidy_pending && !self.shutting_down {
             self.tidy_pending = true;
-            ctx.run_later(IDLE_TIDY_DELAY, |act, _| act.tidy_if_idle());
+            ctx.run_later(IDLE_TIDY_DELAY, |act, ctx| act.tidy_if_idle(ctx));
         }
     }
 }
@@ -293,16 +300,25 @@ impl Handler<SessionClosed> for Supervisor {
 impl Supervisor {
     /// After a burst of connections: the session table keeps the capacity of its peak
     /// unless shrunk, and glibc keeps freed pages (see [`crate::memory`]).
-    fn tidy_if_idle(&mut self) {
+    fn tidy_if_idle(&mut self, ctx: &mut Context<Self>) {
         self.tidy_pending = false;
         if !self.sessions.is_empty() || self.shutting_down {
             return;
         }
         self.sessions.shrink_to_fit();
-        if self.release_memory_when_idle {
-            let released = crate::memory::release_free_memory();
-            tracing::debug!(released, "idle: freed memory returned to the system");
+        if !self.release_memory_when_idle {
+            return;
         }
+        let since = self.last_release.map(|t| t.elapsed());
+        if let Some(wait) = since.and_then(|s| MIN_RELEASE_INTERVAL.checked_sub(s)) {
+            // Too soon after the last one: try again when the interval is over.
+            self.tidy_pending = true;
+            ctx.run_later(wait, |act, ctx| act.tidy_if_idle(ctx));
+            return;
+        }
+        self.last_release = Some(std::time::Instant::now());
+        let released = crate::memory::release_free_memory();
+        tracing::debug!(released, "idle: freed memory returned to the system");
     }
 }
 

@@ -147,9 +147,7 @@ impl Token {
         let sanitized = WithoutRefresh(&self.fields);
         // Sized first, so the buffer is never reallocated: a reallocation would leave an
         // unwiped copy of the secrets behind. A Map of Values always serializes.
-        let mut len = ByteCount(0);
-        let _ = serde_json::to_writer(&mut len, &sanitized);
-        let mut out = Vec::with_capacity(len.0);
+        let mut out = Vec::with_capacity(json_len(&sanitized));
         let _ = serde_json::to_writer(&mut out, &sanitized);
         ServedToken(Arc::new(SecretBytes(out)))
     }
@@ -200,6 +198,16 @@ impl serde::Serialize for WithoutRefresh<'_> {
             map.serialize_entry(key, value)?;
         }
         map.end()
+    }
+}
+
+/// The length of `value` serialized as JSON (0 if it cannot be), without building it:
+/// for sizing a buffer that will hold secrets so that it is never reallocated.
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    let mut len = ByteCount(0);
+    match serde_json::to_writer(&mut len, value) {
+        Ok(()) => len.0,
+        Err(_) => 0,
     }
 }
 

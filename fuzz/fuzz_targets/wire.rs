@@ -3,7 +3,8 @@
 //! says), then written to a live server on a memory store (handshake first when the first
 //! byte's low bit is set) and every reply is checked: a frame of at most 65 536 bytes, a
 //! JSON object with `v` 1, a known error code on failure, and never the refresh-token
-//! canary.
+//! canary. Every decoded frame is also parsed twice, by the envelope parser and as a
+//! `serde_json::Value`, and the two must agree on every member the rules read.
 
 #![no_main]
 
@@ -14,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use credproxy::backend::MemoryBackend;
 use credproxy::codec::{FrameCodec, FrameEvent, MAX_FRAME_LEN};
+use credproxy::envelope::{self, FrameError, PayloadField, Scalar};
 use credproxy::protocol::{self, ErrorCode, Request};
 use credproxy::secret::Secret;
 use credproxy::token::Token;
@@ -62,6 +64,7 @@ fn parse_in_process(data: &[u8], split: usize) {
             match codec.decode(&mut buf) {
                 Ok(Some(FrameEvent::Frame(body))) => {
                     assert!(body.len() <= MAX_FRAME_LEN);
+                    check_frame_agrees(&body);
                     if let Ok(frame) = protocol::parse_frame(&body) {
                         let _ = protocol::negotiate(&frame);
                         if let Ok(env) = protocol::parse_envelope(frame) {
@@ -75,6 +78,56 @@ fn parse_in_process(data: &[u8], split: usize) {
                 Ok(None) | Err(_) => break,
             }
         }
+    }
+}
+
+/// What a full `serde_json::Value` parse says a member is, in the envelope's terms.
+fn scalar_of(v: &serde_json::Value) -> Scalar<'static> {
+    match v {
+        serde_json::Value::String(s) => Scalar::Str(s.clone().into()),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Scalar::Int(i.into()),
+            (None, Some(u)) => Scalar::Int(u.into()),
+            _ => Scalar::Other,
+        },
+        serde_json::Value::Null => Scalar::Null,
+        _ => Scalar::Other,
+    }
+}
+
+/// Differential check: the envelope parser (its scanner or serde_json) reads exactly
+/// what a full `Value` parse of the same body holds.
+fn check_frame_agrees(body: &[u8]) {
+    let reference = serde_json::from_slice::<serde_json::Value>(body);
+    match (reference, envelope::parse_frame(body)) {
+        (Err(_), Err(FrameError::NotJson)) => {}
+        (Ok(v), Err(FrameError::NotObject)) => assert!(!v.is_object()),
+        (Ok(serde_json::Value::Object(map)), Ok(mut frame)) => {
+            let get = |k: &str| map.get(k).map(scalar_of);
+            assert_eq!(frame.v, get("v"));
+            assert_eq!(frame.id, get("id"));
+            assert_eq!(frame.op, get("op"));
+            match (map.get("payload"), frame.payload.as_mut()) {
+                (None, None) => {}
+                (Some(serde_json::Value::Object(p)), Some(PayloadField::Object(q))) => {
+                    let get = |k: &str| p.get(k).map(scalar_of);
+                    assert_eq!(q.provider, get("provider"));
+                    assert_eq!(q.bucket, get("bucket"));
+                    assert_eq!(q.name, get("name"));
+                    assert_eq!(q.min_version, get("minVersion"));
+                    assert_eq!(q.max_version, get("maxVersion"));
+                    assert_eq!(q.take_token().as_ref(), p.get("token"));
+                }
+                (Some(v), Some(PayloadField::NotObject)) => assert!(!v.is_object()),
+                (reference, parsed) => panic!("payload: {reference:?} against {parsed:?}"),
+            }
+        }
+        (reference, parsed) => panic!(
+            "{:?}: Value parse {:?}, envelope parse {:?}",
+            String::from_utf8_lossy(body),
+            reference.map(|_| ()),
+            parsed.map(|_| ())
+        ),
     }
 }
 
