@@ -12,7 +12,8 @@
 //! inside it can be missed. An inotify queue overflow also drops everything.
 //!
 //! The cache holds secrets (tokens as served, already without their refresh tokens, and
-//! API keys): they are wiped when dropped, and [`ReadCache::shutdown`] wipes and disables it and stops the watcher.
+//! API keys): they are wiped when dropped, and [`ReadCache::shutdown`] wipes and disables
+//! it and stops the watcher.
 //! When inotify is unavailable there is no cache and every read goes to disk.
 
 use std::collections::{HashMap, HashSet};
