@@ -840,7 +840,7 @@ mod tests {
     }
 
     #[test]
-    fn value_is_unchanged_by_serde_json_roundtrip_of_any_json() {
+    fn agrees_on_bodies_serde_json_writes() {
         // Any JSON value built by serde_json agrees too.
         for v in [
             json!({"id": 1, "op": "get_token", "payload": {"provider": "p"}}),

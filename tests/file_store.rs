@@ -7,6 +7,7 @@
 //! lists are sorted and skip junk.
 
 mod common;
+use common::hooked::{Call, Hook, Hooked};
 use common::*;
 
 use std::collections::HashMap;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use credproxy::backend::{Backend, FileBackend, SaveMode, StoreError};
-use credproxy::secret::Secret;
 use credproxy::token::Token;
 use credproxy::{Limits, ServerHandle};
 use serde_json::{json, Value};
@@ -197,58 +197,42 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// A file backend whose `save_token` (for one provider) and `get_token` can be slowed down;
-/// the sleep happens before delegating, so the store's own ordering is what is tested.
+/// Delays for a file backend: `save_token` (for one provider) and `get_token` sleep
+/// before delegating, so the store's own ordering is what is tested.
 #[derive(Debug)]
-struct Slow {
-    inner: FileBackend,
+struct Delays {
     /// `save_token` of this provider sleeps this long first.
     slow_save: Option<(&'static str, Duration)>,
     /// `get_token` sleeps this long first.
     slow_get: Option<Duration>,
 }
 
-impl Backend for Slow {
-    fn is_blocking(&self) -> bool {
-        true
-    }
-    fn get_token(&self, p: &str, b: &str) -> Result<Option<Token>, StoreError> {
-        if let Some(delay) = self.slow_get {
-            std::thread::sleep(delay);
-        }
-        self.inner.get_token(p, b)
-    }
-    fn save_token(&self, p: &str, b: &str, t: &Token, m: SaveMode) -> Result<(), StoreError> {
-        if let Some((provider, delay)) = self.slow_save {
-            if provider == p {
-                std::thread::sleep(delay);
+impl Hook for Delays {
+    fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        match (call, self.slow_save, self.slow_get) {
+            (Call::SaveToken { provider, .. }, Some((slow, delay)), _) if provider == slow => {
+                std::thread::sleep(delay)
             }
+            (Call::GetToken { .. }, _, Some(delay)) => std::thread::sleep(delay),
+            _ => {}
         }
-        self.inner.save_token(p, b, t, m)
+        Ok(())
     }
-    fn remove_token(&self, p: &str, b: &str) -> Result<bool, StoreError> {
-        self.inner.remove_token(p, b)
-    }
-    fn list_providers(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_providers()
-    }
-    fn list_buckets(&self, p: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list_buckets(p)
-    }
-    fn get_key(&self, n: &str) -> Result<Option<Secret>, StoreError> {
-        self.inner.get_key(n)
-    }
-    fn set_key(&self, n: &str, k: &Secret) -> Result<(), StoreError> {
-        self.inner.set_key(n, k)
-    }
-    fn remove_key(&self, n: &str) -> Result<bool, StoreError> {
-        self.inner.remove_key(n)
-    }
-    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_keys()
-    }
-    fn clear(&self) {
-        self.inner.clear()
+}
+
+/// `inner` run as a blocking backend with `delays`.
+fn slow(
+    inner: FileBackend,
+    slow_save: Option<(&'static str, Duration)>,
+    slow_get: Option<Duration>,
+) -> Hooked<Delays> {
+    Hooked {
+        inner: Arc::new(inner),
+        hook: Delays {
+            slow_save,
+            slow_get,
+        },
+        blocking: true,
     }
 }
 
@@ -413,11 +397,11 @@ fn two_servers_sharing_one_store_directory_lose_no_update() {
 fn remove_issued_while_a_save_runs_waits_for_it_and_wins() {
     let store = Store::new();
     store.seed("p", "default", full("at-seed", "rt-seed"));
-    let slow = Slow {
-        inner: store.backend(),
-        slow_save: Some(("p", Duration::from_millis(300))),
-        slow_get: None,
-    };
+    let slow = slow(
+        store.backend(),
+        Some(("p", Duration::from_millis(300))),
+        None,
+    );
     let server = Server::over(Arc::new(slow), short_limits());
     let mut raw = server.connect();
 
@@ -448,11 +432,11 @@ fn a_slow_save_does_not_hold_up_other_buckets() {
     let store = Store::new();
     store.seed("q", "default", full("at-q", "rt-q"));
     store.seed("q", "gone", full("at-gone", "rt-gone"));
-    let slow = Slow {
-        inner: store.backend(),
-        slow_save: Some(("p", Duration::from_millis(1000))),
-        slow_get: None,
-    };
+    let slow = slow(
+        store.backend(),
+        Some(("p", Duration::from_millis(1000))),
+        None,
+    );
     let server = Server::over(Arc::new(slow), short_limits());
     let mut raw = server.connect();
 
@@ -829,11 +813,7 @@ impl Drop for StopOnDrop<'_> {
 fn a_store_call_over_the_timeout_is_internal_error_and_the_connection_survives() {
     let store = Store::new();
     store.seed("p", "default", full("at-p", "rt-p"));
-    let slow = Slow {
-        inner: store.backend(),
-        slow_save: None,
-        slow_get: Some(Duration::from_secs(2)),
-    };
+    let slow = slow(store.backend(), None, Some(Duration::from_secs(2)));
     // The timeout leaves room for the fsyncs of the save below on a loaded machine (a
     // 200 ms timeout failed that save once with the whole suite and a fuzzer running).
     let server = Server::over(

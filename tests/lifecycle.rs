@@ -225,10 +225,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 #[test]
 fn in_flight_requests_finish_within_the_grace_time() {
-    let slow = Arc::new(SlowBackend {
-        inner: seeded(),
-        delay: Duration::from_millis(200),
-    });
+    let slow = Arc::new(slow_backend(seeded(), Duration::from_millis(200)));
     let (handle, _dir) = start_backend(slow, short_limits());
     let mut c = Raw::connect(handle.socket_path());
     c.handshake();
@@ -247,10 +244,7 @@ fn in_flight_requests_finish_within_the_grace_time() {
 
 #[test]
 fn grace_time_bounds_shutdown() {
-    let slow = Arc::new(SlowBackend {
-        inner: seeded(),
-        delay: Duration::from_secs(3),
-    });
+    let slow = Arc::new(slow_backend(seeded(), Duration::from_secs(3)));
     let (handle, _dir) = start_backend(slow, short_limits()); // grace 500 ms
     let mut c = Raw::connect(handle.socket_path());
     c.handshake();

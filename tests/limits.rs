@@ -6,6 +6,7 @@
 //! test opens (everything else is fast).
 
 mod common;
+use common::hooked::{Call, Hook, Hooked};
 use common::*;
 
 use std::collections::HashMap;
@@ -15,9 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use credproxy::backend::{Backend, MemoryBackend, SaveMode, StoreError};
-use credproxy::secret::Secret;
-use credproxy::token::Token;
+use credproxy::backend::StoreError;
 use credproxy::{Config, Limits, ServerHandle, Supervisor};
 use serde_json::{json, Value};
 
@@ -158,10 +157,9 @@ enum GetMode {
     Fails,
 }
 
-/// A seeded memory store run as a blocking backend, whose `get_token` is slow (or fails).
+/// The hook of [`SlowBackend`]: `get_token` waits at the gate (or fails), and is counted.
 #[derive(Debug)]
-struct SlowBackend {
-    inner: Arc<MemoryBackend>,
+struct SlowGets {
     mode: GetMode,
     gate: Gate,
     /// `get_token` calls that reached the store.
@@ -172,17 +170,11 @@ struct SlowBackend {
 const FAIL_PATH: &str = "/home/someone/.llxprt/credstore/anthropic/default.json";
 const FAIL_REASON: &str = "canary-internal-reason";
 
-impl SlowBackend {
-    fn gets(&self) -> usize {
-        self.gets.load(Ordering::SeqCst)
-    }
-}
-
-impl Backend for SlowBackend {
-    fn is_blocking(&self) -> bool {
-        true
-    }
-    fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
+impl Hook for SlowGets {
+    fn before(&self, call: Call<'_>) -> Result<(), StoreError> {
+        if !matches!(call, Call::GetToken { .. }) {
+            return Ok(());
+        }
         self.gets.fetch_add(1, Ordering::SeqCst);
         match self.mode {
             GetMode::Fails => Err(StoreError::Corrupt {
@@ -191,43 +183,26 @@ impl Backend for SlowBackend {
             }),
             GetMode::Gated => {
                 self.gate.wait();
-                self.inner.get_token(provider, bucket)
+                Ok(())
             }
         }
     }
-    fn save_token(
-        &self,
-        provider: &str,
-        bucket: &str,
-        incoming: &Token,
-        mode: SaveMode,
-    ) -> Result<(), StoreError> {
-        self.inner.save_token(provider, bucket, incoming, mode)
-    }
-    fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
-        self.inner.remove_token(provider, bucket)
-    }
-    fn list_providers(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_providers()
-    }
-    fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list_buckets(provider)
-    }
-    fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
-        self.inner.get_key(name)
-    }
-    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
-        self.inner.set_key(name, key)
-    }
-    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
-        self.inner.remove_key(name)
-    }
-    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_keys()
-    }
-    fn clear(&self) {
+
+    fn on_clear(&self) {
         self.gate.open();
-        self.inner.clear();
+    }
+}
+
+/// A seeded memory store run as a blocking backend, whose `get_token` is slow (or fails).
+type SlowBackend = Hooked<SlowGets>;
+
+impl SlowBackend {
+    fn gets(&self) -> usize {
+        self.hook.gets.load(Ordering::SeqCst)
+    }
+
+    fn open_gate(&self) {
+        self.hook.gate.open();
     }
 }
 
@@ -244,9 +219,12 @@ impl SlowServer {
     fn start(mode: GetMode, limits: Limits) -> SlowServer {
         let backend = Arc::new(SlowBackend {
             inner: seeded(),
-            mode,
-            gate: Gate::default(),
-            gets: AtomicUsize::new(0),
+            hook: SlowGets {
+                mode,
+                gate: Gate::default(),
+                gets: AtomicUsize::new(0),
+            },
+            blocking: true,
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(backend.clone());
@@ -272,7 +250,7 @@ impl SlowServer {
 
 impl Drop for SlowServer {
     fn drop(&mut self) {
-        self.backend.gate.open();
+        self.backend.open_gate();
         drop(self.handle.take());
     }
 }
@@ -426,7 +404,7 @@ fn seventeenth_request_in_flight_is_resource_exhausted() {
     // Sixteen wait at the gate; the seventeenth is refused at once.
     let reply = c.recv();
     assert_err(&reply, "16", "RESOURCE_EXHAUSTED");
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     let replies = recv_by_id(&mut c, 16);
     for i in 0..16 {
         let id = i.to_string();
@@ -453,7 +431,7 @@ fn in_flight_bound_is_per_connection() {
         let id = format!("{prefix}16");
         assert_err(&raw.recv(), &id, "RESOURCE_EXHAUSTED");
     }
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     for (raw, prefix) in [(&mut a, "a"), (&mut b, "b")] {
         let replies = recv_by_id(raw, 16);
         for i in 0..16 {
@@ -473,7 +451,7 @@ fn duplicate_id_in_flight_is_invalid_request() {
         json!({"v": 1, "id": "dup", "ok": false, "code": "INVALID_REQUEST",
             "error": "duplicate request id"})
     );
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     // The first request still gets its answer.
     assert_eq!(c.recv(), ok("dup", seeded_token("at-anthropic-default")));
     assert_eq!(ts.backend.gets(), 1, "the duplicate reached the store");
@@ -511,7 +489,7 @@ fn slow_operation_does_not_hold_up_a_fast_one() {
         c.recv(),
         ok("fast", json!({"keys": ["anthropic", "openai"]}))
     );
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     assert_eq!(c.recv(), ok("slow", seeded_token("at-anthropic-default")));
 }
 
@@ -552,7 +530,7 @@ fn many_slow_operations_do_not_hold_up_a_fast_one() {
         recv_or(&mut c, why),
         ok("fast-key", json!({"key": "sk-openai"}))
     );
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     let replies = recv_by_id(&mut c, 15);
     for i in 0..15 {
         let id = format!("slow{i}");
@@ -575,7 +553,7 @@ fn slow_operations_on_one_connection_do_not_hold_up_another() {
         recv_or(&mut other, why),
         ok("fast", json!({"keys": ["anthropic", "openai"]}))
     );
-    ts.backend.gate.open();
+    ts.backend.open_gate();
     let replies = recv_by_id(&mut busy, 16);
     assert!(replies.values().all(|r| r["ok"] == json!(true)));
 }

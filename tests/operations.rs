@@ -3,6 +3,7 @@
 //! schema errors, and requests answered concurrently by id (§5).
 
 mod common;
+use common::hooked::{Call, Hook, Hooked};
 use common::*;
 
 use std::collections::HashMap;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use credproxy::backend::{Backend, MemoryBackend, SaveMode, StoreError};
+use credproxy::backend::{Backend, MemoryBackend, StoreError};
 use credproxy::policy::Profile;
 use credproxy::secret::Secret;
 use credproxy::token::Token;
@@ -77,71 +78,18 @@ fn invalid_names() -> Vec<String> {
 
 // ---- a store that counts every call, to prove rejected requests never reach it ----
 
+/// Counts every call that reaches the store.
 #[derive(Debug, Default)]
-struct CountingBackend {
-    inner: MemoryBackend,
-    calls: AtomicUsize,
-}
+struct Counter(AtomicUsize);
 
-impl CountingBackend {
-    fn hit(&self) {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-    }
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
+impl Hook for Counter {
+    fn before(&self, _: Call<'_>) -> Result<(), StoreError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 
-impl Backend for CountingBackend {
-    fn is_blocking(&self) -> bool {
-        false
-    }
-    fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
-        self.hit();
-        self.inner.get_token(provider, bucket)
-    }
-    fn save_token(
-        &self,
-        provider: &str,
-        bucket: &str,
-        incoming: &Token,
-        mode: SaveMode,
-    ) -> Result<(), StoreError> {
-        self.hit();
-        self.inner.save_token(provider, bucket, incoming, mode)
-    }
-    fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
-        self.hit();
-        self.inner.remove_token(provider, bucket)
-    }
-    fn list_providers(&self) -> Result<Vec<String>, StoreError> {
-        self.hit();
-        self.inner.list_providers()
-    }
-    fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
-        self.hit();
-        self.inner.list_buckets(provider)
-    }
-    fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
-        self.hit();
-        self.inner.get_key(name)
-    }
-    fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
-        self.hit();
-        self.inner.set_key(name, key)
-    }
-    fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
-        self.hit();
-        self.inner.remove_key(name)
-    }
-    fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        self.hit();
-        self.inner.list_keys()
-    }
-    fn clear(&self) {
-        self.inner.clear();
-    }
-}
+type CountingBackend = Hooked<Counter>;
 
 /// A server over a [`CountingBackend`] seeded with `anthropic:default` and key `anthropic`.
 struct CountingServer {
@@ -153,15 +101,18 @@ struct CountingServer {
 
 impl CountingServer {
     fn start(profile: Profile) -> CountingServer {
-        let backend = Arc::new(CountingBackend::default());
-        backend
-            .inner
+        let inner = MemoryBackend::new();
+        inner
             .insert_token("anthropic", "default", token("at-a", Some("rt-a")))
             .expect("seed");
-        backend
-            .inner
+        inner
             .insert_key("anthropic", Secret::from("sk-anthropic"))
             .expect("seed");
+        let backend = Arc::new(CountingBackend {
+            inner: Arc::new(inner),
+            hook: Counter::default(),
+            blocking: false,
+        });
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(backend.clone());
         config.socket_dir = Some(dir.path().to_owned());
@@ -965,14 +916,14 @@ fn requests_rejected_before_the_operation_never_touch_the_store() {
     let reply = c.recv();
     assert_err(&reply, "payload-not-object", "INVALID_REQUEST");
     assert_eq!(
-        ts.backend.calls(),
+        ts.backend.hook.0.load(Ordering::SeqCst),
         0,
         "a rejected request reached the store"
     );
     // The counter works: an accepted request does reach it.
     let reply = c.call("good", "get_token", json!({"provider": "anthropic"}));
     assert_eq!(reply["ok"], json!(true), "{reply}");
-    assert_eq!(ts.backend.calls(), 1);
+    assert_eq!(ts.backend.hook.0.load(Ordering::SeqCst), 1);
 }
 
 // ---- concurrency ----

@@ -3,7 +3,10 @@
 //! [`process`] drives the real binary as a child process.
 #![allow(dead_code)]
 
+pub mod hooked;
 pub mod process;
+
+use hooked::{Hooked, SlowGet};
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -272,54 +275,12 @@ pub fn seeded_token(access: &str) -> Value {
     json!({"access_token": access, "expiry": 1_900_000_000, "token_type": "Bearer", "scope": null})
 }
 
-/// A backend whose `get_token` takes `delay` (on the blocking pool); everything else is
-/// the wrapped memory store.
-#[derive(Debug)]
-pub struct SlowBackend {
-    pub inner: Arc<MemoryBackend>,
-    pub delay: Duration,
-}
-
-impl credproxy::backend::Backend for SlowBackend {
-    fn is_blocking(&self) -> bool {
-        true
-    }
-    fn get_token(&self, p: &str, b: &str) -> Result<Option<Token>, credproxy::backend::StoreError> {
-        std::thread::sleep(self.delay);
-        self.inner.get_token(p, b)
-    }
-    fn save_token(
-        &self,
-        p: &str,
-        b: &str,
-        t: &Token,
-        m: credproxy::backend::SaveMode,
-    ) -> Result<(), credproxy::backend::StoreError> {
-        self.inner.save_token(p, b, t, m)
-    }
-    fn remove_token(&self, p: &str, b: &str) -> Result<bool, credproxy::backend::StoreError> {
-        self.inner.remove_token(p, b)
-    }
-    fn list_providers(&self) -> Result<Vec<String>, credproxy::backend::StoreError> {
-        self.inner.list_providers()
-    }
-    fn list_buckets(&self, p: &str) -> Result<Vec<String>, credproxy::backend::StoreError> {
-        self.inner.list_buckets(p)
-    }
-    fn get_key(&self, n: &str) -> Result<Option<Secret>, credproxy::backend::StoreError> {
-        self.inner.get_key(n)
-    }
-    fn set_key(&self, n: &str, k: &Secret) -> Result<(), credproxy::backend::StoreError> {
-        self.inner.set_key(n, k)
-    }
-    fn remove_key(&self, n: &str) -> Result<bool, credproxy::backend::StoreError> {
-        self.inner.remove_key(n)
-    }
-    fn list_keys(&self) -> Result<Vec<String>, credproxy::backend::StoreError> {
-        self.inner.list_keys()
-    }
-    fn clear(&self) {
-        self.inner.clear()
+/// A blocking backend over `inner` whose `get_token` takes `delay` longer.
+pub fn slow_backend(inner: Arc<MemoryBackend>, delay: Duration) -> Hooked<SlowGet> {
+    Hooked {
+        inner,
+        hook: SlowGet(delay),
+        blocking: true,
     }
 }
 
