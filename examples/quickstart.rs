@@ -58,17 +58,16 @@ fn quickstart() -> Result<()> {
         &format!("{DEMO_KEY}\n"),
     )?;
 
-    let inside = "credproxy token get demo && credproxy key get demo";
-    let (sandbox, how) = match bwrap_args(&me, &sockets) {
+    let (sandbox, how) = match bwrap_args(&me) {
         Some(args) => (
             args,
-            "a bubblewrap sandbox (fresh namespaces; only the socket directory is shared)",
+            "a bubblewrap sandbox (fresh namespaces; only the socket file is shared)",
         ),
         None => (
             vec![
                 "sh".into(),
                 "-c".into(),
-                inside.replace("credproxy", &shell_quote(&me)),
+                INSIDE.replace("/credproxy", &shell_quote(&me)),
             ],
             "a plain child process (bubblewrap is not available here)",
         ),
@@ -82,6 +81,7 @@ fn quickstart() -> Result<()> {
         .arg("--")
         .args(&sandbox)
         .env("RUST_LOG", "warn")
+        .env("INSIDE", INSIDE)
         .stderr(Stdio::inherit())
         .output()?;
     let text = String::from_utf8_lossy(&output.stdout);
@@ -90,6 +90,11 @@ fn quickstart() -> Result<()> {
     let key_line = lines.next().unwrap_or_default();
     println!("   the sandbox read the token: {token_line}");
     println!("   the sandbox read the API key: {key_line}");
+    let seen: Vec<&str> = lines.collect();
+    println!(
+        "   the sandbox sees in the socket directory: {} (its own socket only)",
+        seen.join(" ")
+    );
     if !output.status.success() {
         return Err(format!("the sandbox failed ({})", output.status).into());
     }
@@ -110,7 +115,7 @@ fn quickstart() -> Result<()> {
         "   the store still holds the refresh token on the host: {}",
         store_has_refresh(&store)?
     );
-    if refresh_seen || !leftovers.is_empty() || key_line != DEMO_KEY {
+    if refresh_seen || !leftovers.is_empty() || key_line != DEMO_KEY || seen.len() != 1 {
         return Err("the session did not behave as expected".into());
     }
     println!("Done: the sandbox got what its profile allows, never the refresh token, and nothing was left behind.");
@@ -142,9 +147,15 @@ fn store_has_refresh(store: &Path) -> Result<bool> {
     Ok(text.contains("demo-refresh-token-stays-on-the-host"))
 }
 
-/// bwrap arguments that run the inside commands with only `/usr` (read-only), this binary
-/// and the socket directory visible, or `None` when bubblewrap cannot run here.
-fn bwrap_args(me: &Path, sockets: &Path) -> Option<Vec<String>> {
+/// What the sandbox runs: the token, the key, then what it sees of the socket directory.
+const INSIDE: &str = "/credproxy token get demo && /credproxy key get demo \
+    && ls -A \"$(dirname \"$LLXPRT_CREDENTIAL_SOCKET\")\"";
+
+/// The command `exec` runs: a shell on the host that starts bubblewrap once the socket
+/// exists, with only `/usr` (read-only), this binary and the socket **file** visible (not
+/// its directory, which other proxies of the same user share), and an environment that
+/// holds nothing but `PATH` and the socket variable. `None` when bubblewrap cannot run here.
+fn bwrap_args(me: &Path) -> Option<Vec<String>> {
     let works = Command::new("bwrap")
         .args(["--ro-bind", "/", "/", "--unshare-all", "true"])
         .stderr(Stdio::null())
@@ -154,8 +165,12 @@ fn bwrap_args(me: &Path, sockets: &Path) -> Option<Vec<String>> {
     if !works {
         return None;
     }
-    let sock = sockets.to_string_lossy().into_owned();
-    let mut args: Vec<String> = ["bwrap", "--ro-bind", "/usr", "/usr"]
+    // The fixed options go in as "$@"; the socket's path is only known once `exec` runs
+    // the shell, so the script adds the bind and the variable itself.
+    let script = r#"s=$LLXPRT_CREDENTIAL_SOCKET
+exec bwrap "$@" --bind "$s" "$s" --clearenv --setenv PATH /usr/bin:/bin \
+    --setenv LLXPRT_CREDENTIAL_SOCKET "$s" -- /bin/sh -c "$INSIDE""#;
+    let mut args: Vec<String> = ["sh", "-c", script, "sh", "--ro-bind", "/usr", "/usr"]
         .map(String::from)
         .to_vec();
     for (link, target) in [
@@ -172,7 +187,6 @@ fn bwrap_args(me: &Path, sockets: &Path) -> Option<Vec<String>> {
         me.to_string_lossy().into_owned(),
         "/credproxy".into(),
     ]);
-    args.extend(["--bind".into(), sock.clone(), sock]);
     args.extend(
         [
             "--proc",
@@ -181,15 +195,6 @@ fn bwrap_args(me: &Path, sockets: &Path) -> Option<Vec<String>> {
             "/dev",
             "--unshare-all",
             "--die-with-parent",
-            "--",
-        ]
-        .map(String::from),
-    );
-    args.extend(
-        [
-            "sh",
-            "-c",
-            "/credproxy token get demo && /credproxy key get demo",
         ]
         .map(String::from),
     );
