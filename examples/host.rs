@@ -6,7 +6,8 @@
 //!
 //! The "sandbox" is this same program re-executed with `LLXPRT_CREDENTIAL_SOCKET` set, so
 //! the example needs nothing else built. A real host would spawn `docker run`, `podman
-//! run` or `bwrap` here instead, with the socket's directory mounted into the sandbox.
+//! run` or `bwrap` here instead, with the socket file (never its directory) mounted into
+//! the sandbox, as README's recipes do.
 
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
