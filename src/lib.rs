@@ -31,6 +31,7 @@ pub mod envelope;
 pub mod error;
 pub mod memory;
 pub mod names;
+pub mod oauth;
 pub mod outbox;
 pub mod policy;
 pub mod profile;

@@ -5,6 +5,7 @@
 
 pub mod hooked;
 pub mod process;
+pub mod token_endpoint;
 pub mod unprivileged;
 
 use hooked::{Hooked, SlowGet};
