@@ -15,10 +15,28 @@
 //!
 //! An empty file allows nothing. `examples/profile.toml` is an annotated example.
 //!
-//! A profile file can set these five keys and nothing else: any other key or table, a value
-//! of the wrong type, an invalid name, malformed TOML, invalid UTF-8 or a file over
-//! [`MAX_PROFILE_SIZE`] bytes is refused with an error naming the file and, where there is
-//! one, the 1-based line, on one line of text.
+//! Host-side refresh (PROTOCOL.md §14) is set with three more keys and one table per
+//! provider whose token endpoint differs from its built-in preset (or that has none):
+//!
+//! ```toml
+//! refresh = true           # false: serve tokens as stored (same as --no-refresh)
+//! refresh_margin = 60      # seconds; same as --refresh-margin
+//! renew_before = 300       # seconds; same as --renew-before
+//!
+//! [provider.anthropic]     # a preset: only the keys named change
+//! token_url = "http://127.0.0.1:8080/v1/oauth/token"
+//!
+//! [provider.acme]          # no preset: token_url and client_id are required
+//! token_url = "https://login.acme.example/oauth/token"
+//! client_id = "cli-123"
+//! client_secret_key = "acme-client-secret"   # an API key in the store holding it
+//! body = "json"                               # or "form" (the default)
+//! ```
+//!
+//! A profile file can set these keys and tables and nothing else: any other key or table, a
+//! value of the wrong type, an invalid name or URL, malformed TOML, invalid UTF-8 or a file
+//! over [`MAX_PROFILE_SIZE`] bytes is refused with an error naming the file and, where
+//! there is one, the 1-based line, on one line of text.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,13 +49,31 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::oauth::provider::{BodyFormat, Endpoint, EndpointOverride};
 use crate::policy::Profile;
 
 /// The largest profile file accepted, in bytes (1 MiB).
 pub const MAX_PROFILE_SIZE: u64 = 1 << 20;
 
 /// The keys a profile file may set, in the order error messages list them.
-pub const KEYS: [&str; 5] = ["allow", "allow_key", "allow_all", "read_only", "rate_limit"];
+pub const KEYS: [&str; 9] = [
+    "allow",
+    "allow_key",
+    "allow_all",
+    "read_only",
+    "rate_limit",
+    "refresh",
+    "refresh_margin",
+    "renew_before",
+    "provider",
+];
+
+/// The keys of a `[provider.NAME]` table.
+pub const PROVIDER_KEYS: [&str; 4] = ["token_url", "client_id", "client_secret_key", "body"];
+
+/// The longest `refresh_margin` or `renew_before` accepted, in seconds (one day): a longer
+/// lead would renew every token as soon as it was issued.
+pub const MAX_REFRESH_LEAD: u64 = 86_400;
 
 /// What a profile file sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +82,15 @@ pub struct ProfileFile {
     pub profile: Profile,
     /// `rate_limit` (requests per second per connection, 0 = off) when the file sets it.
     pub rate_limit: Option<u32>,
+    /// `refresh` when the file sets it (false: serve tokens as stored).
+    pub refresh: Option<bool>,
+    /// `refresh_margin` in seconds when the file sets it.
+    pub refresh_margin: Option<u64>,
+    /// `renew_before` in seconds when the file sets it.
+    pub renew_before: Option<u64>,
+    /// The token endpoints of the `[provider.NAME]` tables, each resolved against its
+    /// preset.
+    pub providers: BTreeMap<String, Endpoint>,
 }
 
 /// Why a profile file was refused. Every variant displays as one line naming the file.
@@ -96,6 +141,24 @@ struct Raw {
     read_only: bool,
     #[serde(default)]
     rate_limit: Option<u32>,
+    #[serde(default)]
+    refresh: Option<bool>,
+    #[serde(default)]
+    refresh_margin: Option<Spanned<u64>>,
+    #[serde(default)]
+    renew_before: Option<Spanned<u64>>,
+    #[serde(default)]
+    provider: BTreeMap<Spanned<String>, Spanned<RawProvider>>,
+}
+
+/// One `[provider.NAME]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    token_url: Option<Spanned<String>>,
+    client_id: Option<String>,
+    client_secret_key: Option<String>,
+    body: Option<Spanned<String>>,
 }
 
 /// Reads and parses the profile file at `path` (at most [`MAX_PROFILE_SIZE`] bytes).
@@ -157,9 +220,69 @@ pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
             .allow_key(name.get_ref())
             .map_err(|m| invalid(Some(name.span()), one_line(&m)))?;
     }
+    for (key, value) in [
+        ("refresh_margin", &raw.refresh_margin),
+        ("renew_before", &raw.renew_before),
+    ] {
+        if let Some(v) = value {
+            if *v.get_ref() > MAX_REFRESH_LEAD {
+                return Err(invalid(
+                    Some(v.span()),
+                    format!("`{key}`: at most {MAX_REFRESH_LEAD} seconds (one day)"),
+                ));
+            }
+        }
+    }
+    let mut providers = BTreeMap::new();
+    for (name, table) in &raw.provider {
+        let t = table.get_ref();
+        let body = match &t.body {
+            None => None,
+            Some(b) => Some(BodyFormat::parse(b.get_ref()).ok_or_else(|| {
+                invalid(
+                    Some(b.span()),
+                    format!(
+                        "provider {}: `body` must be \"form\" or \"json\"",
+                        name.get_ref().escape_debug()
+                    ),
+                )
+            })?),
+        };
+        let overrides = EndpointOverride {
+            token_url: t.token_url.as_ref().map(|u| u.get_ref().clone()),
+            client_id: t.client_id.clone(),
+            client_secret_key: t.client_secret_key.clone(),
+            body,
+        };
+        let endpoint = Endpoint::resolve(name.get_ref(), &overrides).map_err(|e| {
+            // A bad URL points at its own line; anything else at the table.
+            let span = match (&e, &t.token_url) {
+                (
+                    crate::oauth::provider::EndpointError::BadUrl(_)
+                    | crate::oauth::provider::EndpointError::Insecure
+                    | crate::oauth::provider::EndpointError::Credentials,
+                    Some(url),
+                ) => url.span(),
+                _ => name.span(),
+            };
+            invalid(
+                Some(span),
+                format!(
+                    "provider {}: {}",
+                    name.get_ref().escape_debug(),
+                    one_line(&e.to_string())
+                ),
+            )
+        })?;
+        providers.insert(name.get_ref().clone(), endpoint);
+    }
     Ok(ProfileFile {
         profile,
         rate_limit: raw.rate_limit,
+        refresh: raw.refresh,
+        refresh_margin: raw.refresh_margin.map(Spanned::into_inner),
+        renew_before: raw.renew_before.map(Spanned::into_inner),
+        providers,
     })
 }
 
@@ -174,12 +297,13 @@ fn line_at(text: &[u8], at: usize) -> usize {
 fn toml_message(text: &str, e: &toml::de::Error) -> String {
     let message = e.message();
     if let Some(rest) = message.strip_prefix("unknown field `") {
-        // serde: "unknown field `NAME`, expected one of `a`, `b`" (or "expected `a`").
-        if let Some((name, _)) = rest.rsplit_once("`, expected") {
+        // serde: "unknown field `NAME`, expected one of `a`, `b`" (or "expected `a`"),
+        // listing the keys of the table the field was found in.
+        if let Some((name, expected)) = rest.rsplit_once("`, expected ") {
+            let expected = expected.trim_start_matches("one of ").replace('`', "");
             return format!(
-                "unknown key `{}` (expected one of {})",
+                "unknown key `{}` (expected one of {expected})",
                 name.escape_debug(),
-                KEYS.join(", ")
             );
         }
     }
@@ -294,7 +418,8 @@ mod tests {
 
     #[test]
     fn unknown_keys() {
-        let expected = "(expected one of allow, allow_key, allow_all, read_only, rate_limit)";
+        let expected = "(expected one of allow, allow_key, allow_all, read_only, rate_limit, \
+                        refresh, refresh_margin, renew_before, provider)";
         assert_err(
             "allow = []\nalow = [\"x\"]\n",
             2,
@@ -308,6 +433,91 @@ mod tests {
         assert_err("allow.x = 1\n", 1, "`allow`: invalid type: map");
         assert_err("\"a\\nb\" = 1\n", 1, "unknown key `a\\nb`");
         assert_err("[[allow]]\n", 1, "`allow`: invalid type: map");
+    }
+
+    #[test]
+    fn refresh_keys_and_provider_tables() {
+        let f = ok(r#"
+            refresh = false
+            refresh_margin = 30
+            renew_before = 600
+
+            [provider.anthropic]
+            token_url = "http://127.0.0.1:8080/v1/oauth/token"
+
+            [provider.acme]
+            token_url = "https://login.acme.example/oauth/token"
+            client_id = "cli-123"
+            client_secret_key = "acme-client-secret"
+            body = "json"
+        "#);
+        assert_eq!(f.refresh, Some(false));
+        assert_eq!((f.refresh_margin, f.renew_before), (Some(30), Some(600)));
+        let a = &f.providers["anthropic"];
+        assert_eq!(a.token_url.as_str(), "http://127.0.0.1:8080/v1/oauth/token");
+        assert_eq!(a.client_id, "9d1c250a-e61b-44d9-88ed-5944d1962f5e");
+        let acme = &f.providers["acme"];
+        assert_eq!(acme.client_id, "cli-123");
+        assert_eq!(acme.body, BodyFormat::Json);
+        assert_eq!(
+            acme.client_secret,
+            Some(crate::oauth::ClientSecret::StoreKey(
+                "acme-client-secret".into()
+            ))
+        );
+        let none = ok("allow = []\n");
+        assert_eq!((none.refresh, none.refresh_margin), (None, None));
+        assert!(none.providers.is_empty());
+    }
+
+    #[test]
+    fn bad_refresh_settings_name_their_line() {
+        assert_err(
+            "\n[provider.anthropic]\ntoken_url = \"http://login.example/t\"\n",
+            3,
+            "provider anthropic: token_url must be https://",
+        );
+        assert_err(
+            "[provider.acme]\ntoken_url = \"https://a.example/t\"\n",
+            1,
+            "provider acme: no built-in preset, so client_id is required",
+        );
+        assert_err(
+            "[provider.anthropic]\ntokenurl = \"x\"\n",
+            2,
+            "unknown key `tokenurl` (expected one of token_url, client_id, client_secret_key, body)",
+        );
+        assert_err(
+            "[provider.gemini]\nbody = \"xml\"\n",
+            2,
+            "provider gemini: `body` must be \"form\" or \"json\"",
+        );
+        assert_err(
+            "[provider.\"bad/name\"]\nclient_id = \"x\"\n",
+            1,
+            "provider bad/name: not a valid provider name",
+        );
+        assert_err(
+            "[provider.gemini]\nclient_secret_key = \"a@b\"\n",
+            1,
+            "client_secret_key \"a@b\" is not a valid API key name",
+        );
+        assert_err(
+            "renew_before = 86401\n",
+            1,
+            "`renew_before`: at most 86400 seconds",
+        );
+        assert_err(
+            "refresh_margin = -1\n",
+            1,
+            "`refresh_margin`: invalid value",
+        );
+        assert_err("refresh = \"no\"\n", 1, "`refresh`: invalid type: string");
+        assert_err(
+            "[provider.anthropic]\ntoken_url = \"::\"\n",
+            2,
+            "not a valid URL",
+        );
     }
 
     #[test]

@@ -92,12 +92,12 @@ pub struct EndpointOverride {
     pub body: Option<BodyFormat>,
 }
 
-/// Why a provider's endpoint cannot be resolved. The text names the key and the problem;
-/// a URL is quoted only when it is not one (it then carries no secret of ours).
+/// Why a provider's endpoint cannot be resolved. The text names the key and the problem
+/// (callers say which provider); a URL is never quoted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
     /// The provider name breaks the name rules (PROTOCOL.md §6).
-    #[error("provider name {0:?} is not a valid name")]
+    #[error("not a valid provider name")]
     BadProvider(String),
     /// `token_url` does not parse as a URL.
     #[error("token_url is not a valid URL: {0}")]
@@ -110,7 +110,7 @@ pub enum EndpointError {
     #[error("token_url must not carry a user name or password")]
     Credentials,
     /// A provider with no preset lacks a required key.
-    #[error("provider {provider} has no built-in preset: {key} is required")]
+    #[error("no built-in preset, so {key} is required")]
     Missing {
         /// The provider.
         provider: String,
