@@ -37,6 +37,7 @@ pub mod policy;
 pub mod profile;
 pub mod protocol;
 pub mod rate_limit;
+pub mod refresh;
 pub mod secret;
 pub mod session;
 pub mod socket;
