@@ -29,6 +29,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod import;
 pub mod memory;
 pub mod names;
 pub mod oauth;
