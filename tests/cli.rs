@@ -183,6 +183,12 @@ fn sigint_exits_0_and_removes_the_socket() {
     assert_signal_stops_cleanly(Signal::SIGINT);
 }
 
+/// A closed terminal or a `kill -HUP` must not leave the socket behind (issue 13 item 8).
+#[test]
+fn sighup_exits_0_and_removes_the_socket() {
+    assert_signal_stops_cleanly(Signal::SIGHUP);
+}
+
 /// A start that must fail: no socket line, exit `code` (any non-zero one when `None`),
 /// and one stderr line containing every needle.
 #[track_caller]

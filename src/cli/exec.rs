@@ -3,23 +3,54 @@
 //! 1. Start the proxy; if it cannot start, CMD is never run (exit 1 with the reason).
 //! 2. Run CMD with `LLXPRT_CREDENTIAL_SOCKET` in its environment (not found: 127, not
 //!    executable: 126, like a shell, after cleaning up).
-//! 3. Forward SIGINT, SIGTERM, SIGHUP and SIGQUIT to CMD and keep serving until it exits;
-//!    a second SIGINT/SIGTERM escalates to SIGKILL. A signal the terminal generated
-//!    (Ctrl-C) is not sent a second time when CMD is in the terminal's foreground process
-//!    group (it got it already); a CMD in its own session or group is sent it.
+//! 3. Keep serving until CMD exits, relaying signals by the rules below.
 //! 4. When CMD exits: `Shutdown`, wait for the cleanup, exit with CMD's status (128+N when
 //!    CMD was killed by signal N).
+//!
+//! # Signals
+//!
+//! `exec` must never die before CMD (that would leave CMD running without its proxy, and
+//! the socket behind), so every catchable signal whose default action would end `exec` is
+//! either forwarded or dropped:
+//!
+//! - **Forwarded** to CMD: SIGHUP, SIGINT, SIGQUIT, SIGTERM (stop requests), SIGUSR1,
+//!   SIGUSR2 (application messages: a log reopen, a status dump), SIGALRM (a supervisor's
+//!   timer; `exec` sets none of its own) and SIGWINCH (a terminal resize). A signal the
+//!   terminal generated (Ctrl-C, Ctrl-\, a resize: the kernel is its sender) already
+//!   reached CMD when CMD is in the terminal's foreground process group, and is neither
+//!   sent again nor counted; a CMD in its own session or group (`setsid`,
+//!   `bwrap --new-session`) did not get it and is sent it.
+//! - **Escalation**: a stop signal (SIGINT or SIGTERM) that `exec` forwarded itself, coming
+//!   within [`ESCALATION_WINDOW`] (3 s) of the previous one `exec` forwarded, is turned into
+//!   SIGKILL for CMD ("I mean it"). Terminal signals CMD already got never count, so an
+//!   interactive CMD that uses Ctrl-C to cancel an operation survives any number of them;
+//!   two stop signals further apart are both forwarded.
+//! - **Dropped** (caught, logged at debug): SIGVTALRM, SIGPROF (profiling timers of
+//!   `exec` itself), SIGXCPU, SIGXFSZ (resource limits of `exec` itself; a write past
+//!   the file size limit then fails with an error instead), SIGIO, SIGPWR and SIGSTKFLT
+//!   (nothing in `exec` asks for them, and they say nothing to CMD).
+//! - **Left at their default**: SIGTSTP, SIGTTIN, SIGTTOU and SIGCONT (job control: Ctrl-Z
+//!   stops the whole foreground group, `exec` and CMD together, and `fg` continues both;
+//!   a stopped `exec` serves nobody, but the stopped CMD asks nothing), SIGCHLD and SIGURG
+//!   (ignored by default; CMD's exit is watched with `waitid`), SIGPIPE (ignored by the
+//!   Rust runtime in `exec`, whose writes then fail with an error; CMD starts with the
+//!   default again), and the program-error signals SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE,
+//!   SIGSEGV and SIGSYS, which mean `exec` itself is broken. SIGKILL and SIGSTOP cannot be
+//!   caught; real-time signals are not handled.
+//!
+//! Caught signals are handled by signal-hook's self-pipe, so their handlers are reset to
+//! the default in CMD by `execve`: CMD starts with default dispositions.
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::{getpgid, tcgetpgrp, Pid};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::low_level::siginfo::Cause;
@@ -40,6 +71,35 @@ pub struct ExecArgs {
     pub command: Vec<OsString>,
 }
 
+/// How soon after a stop signal `exec` forwarded another one turns into SIGKILL for CMD.
+/// Long enough for a person pressing Ctrl-C again because nothing happened, or a
+/// supervisor's TERM-then-TERM; short enough that a later, separate stop request is
+/// forwarded as a request again.
+pub const ESCALATION_WINDOW: Duration = Duration::from_secs(3);
+
+/// The signals forwarded to CMD (see the module doc).
+const FORWARDED: [Signal; 8] = [
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGWINCH,
+];
+
+/// The signals caught and dropped: they concern `exec` alone (see the module doc).
+const DROPPED: [Signal; 7] = [
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+    Signal::SIGIO,
+    Signal::SIGPWR,
+    Signal::SIGSTKFLT,
+];
+
 enum Event {
     Signal { signal: i32, from_terminal: bool },
     Exited(std::io::Result<()>),
@@ -50,7 +110,8 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     let config = build_config(&args.serve)?;
     // Catch the signals before anything starts, so none can kill us between the proxy's
     // start and the child's.
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+    let caught = FORWARDED.iter().chain(&DROPPED).map(|&s| s as i32);
+    let mut signals = SignalsInfo::<WithOrigin>::new(caught)
         .map_err(|e| Failure::new(format!("cannot handle signals: {e}")))?;
     let signals_handle = signals.handle();
     let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
@@ -112,27 +173,16 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
         }
     });
 
-    let mut stops = 0;
+    let mut relay = Relay {
+        pid,
+        last_stop: None,
+    };
     let status = loop {
         match rx.recv() {
             Ok(Event::Signal {
                 signal,
                 from_terminal,
-            }) => {
-                let Ok(sig) = Signal::try_from(signal) else {
-                    continue;
-                };
-                if sig == Signal::SIGINT || sig == Signal::SIGTERM {
-                    stops += 1;
-                }
-                if stops >= 2 && (sig == Signal::SIGINT || sig == Signal::SIGTERM) {
-                    tracing::warn!(signal = %sig, "second stop signal: killing the command");
-                    let _ = kill(pid, Signal::SIGKILL);
-                } else if !(from_terminal && in_terminal_foreground(pid)) {
-                    tracing::info!(signal = %sig, "forwarding signal to the command");
-                    let _ = kill(pid, sig);
-                }
-            }
+            }) => relay.signal(signal, from_terminal),
             Ok(Event::Exited(waited)) => break waited,
             Err(_) => break Err(std::io::Error::other("command waiter vanished")),
         }
@@ -146,6 +196,48 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     }
     let status = status.map_err(|e| Failure::new(format!("cannot wait for the command: {e}")))?;
     Ok(exit_code(status))
+}
+
+/// The signal rules of the module doc, for one CMD.
+struct Relay {
+    /// CMD; not reaped while signals are relayed, so the pid cannot be recycled.
+    pid: Pid,
+    /// When `exec` last forwarded a stop signal (SIGINT, SIGTERM) itself.
+    last_stop: Option<Instant>,
+}
+
+impl Relay {
+    fn signal(&mut self, signal: i32, from_terminal: bool) {
+        let Ok(sig) = Signal::try_from(signal) else {
+            return;
+        };
+        if DROPPED.contains(&sig) {
+            tracing::debug!(signal = %sig, "dropping a signal that concerns exec alone");
+            return;
+        }
+        if from_terminal && in_terminal_foreground(self.pid) {
+            // CMD got it from the terminal already; it is not ours to count either.
+            tracing::debug!(signal = %sig, "terminal signal already delivered to the command");
+            return;
+        }
+        let now = Instant::now();
+        let stop = matches!(sig, Signal::SIGINT | Signal::SIGTERM);
+        if stop
+            && self
+                .last_stop
+                .is_some_and(|last| now.duration_since(last) <= ESCALATION_WINDOW)
+        {
+            tracing::warn!(signal = %sig, window = ?ESCALATION_WINDOW,
+                "second stop signal within the window: killing the command");
+            let _ = kill(self.pid, Signal::SIGKILL);
+            return;
+        }
+        tracing::info!(signal = %sig, "forwarding signal to the command");
+        let _ = kill(self.pid, sig);
+        if stop {
+            self.last_stop = Some(now);
+        }
+    }
 }
 
 /// True when `pid`'s process group is the foreground group of our terminal: a signal the

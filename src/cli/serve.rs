@@ -144,6 +144,9 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         };
         let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
         let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
+        // A closed terminal or `kill -HUP` ends the server like SIGTERM: with the cleanup
+        // (the socket removed), never by the default action that would leave it behind.
+        let mut sighup = handler(SignalKind::hangup(), "SIGHUP")?;
         let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
@@ -157,6 +160,7 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         let signal = tokio::select! {
             _ = sigint.recv() => "SIGINT",
             _ = sigterm.recv() => "SIGTERM",
+            _ = sighup.recv() => "SIGHUP",
         };
         tracing::info!(signal, "shutting down");
         handle
