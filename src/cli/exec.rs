@@ -3,6 +3,13 @@
 //! 1. Start the proxy; if it cannot start, CMD is never run (exit 1 with the reason).
 //! 2. Run CMD with `LLXPRT_CREDENTIAL_SOCKET` in its environment (not found: 127, not
 //!    executable: 126, like a shell, after cleaning up).
+//!    CMD gets no descriptor of ours but stdin, stdout and stderr: ours are all opened
+//!    close-on-exec, and the ones `exec` inherited above stderr are marked close-on-exec
+//!    at start (ssh-agent closes them, `closefrom(3)`, for the same reason: a descriptor
+//!    leaked in from a parent must not reach the sandbox).
+//!    With `--clear-env`, CMD's environment is only the socket variable and the
+//!    `--keep-env` names; otherwise it is `exec`'s own, and `exec` warns once, naming them,
+//!    when variables that look like credentials would pass (see [`ExecArgs`]).
 //! 3. Keep serving until CMD exits, relaying signals by the rules below.
 //! 4. When CMD exits: `Shutdown`, wait for the cleanup, exit with CMD's status (128+N when
 //!    CMD was killed by signal N).
@@ -43,6 +50,9 @@
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -66,6 +76,15 @@ pub struct ExecArgs {
     /// Every option of `serve`.
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Start CMD from an empty environment (like `env -i`): it gets LLXPRT_CREDENTIAL_SOCKET
+    /// and the --keep-env variables only, not even PATH, HOME or TERM; CMD itself is still
+    /// found through exec's PATH
+    #[arg(long)]
+    pub clear_env: bool,
+    /// With --clear-env: also pass NAME from exec's environment (repeatable; an unset NAME
+    /// is skipped)
+    #[arg(long, value_name = "NAME", requires = "clear_env")]
+    pub keep_env: Vec<String>,
     /// The command to run, after `--`
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -105,8 +124,125 @@ enum Event {
     Exited(std::io::Result<()>),
 }
 
+/// Name endings (compared in upper case) of variables that look like credentials; a whole
+/// name equal to one without its `_` counts too (`TOKEN`, `API_KEY`).
+const CREDENTIAL_SUFFIXES: [&str; 6] = [
+    "_API_KEY",
+    "_TOKEN",
+    "_SECRET",
+    "_SECRET_KEY",
+    "_ACCESS_KEY",
+    "_PASSWORD",
+];
+
+/// True when the variable `name` looks like it holds a credential.
+fn looks_like_credential(name: &str) -> bool {
+    let name = name.to_ascii_uppercase();
+    CREDENTIAL_SUFFIXES
+        .iter()
+        .any(|suffix| name.ends_with(suffix) || name == suffix[1..])
+}
+
+/// Marks every descriptor above stderr that `exec` inherited close-on-exec, so CMD does not
+/// get it (ours are opened close-on-exec already). Marked rather than closed: `exec` runs
+/// Rust code that may own a descriptor, and closing one it owns would be a double close.
+fn keep_inherited_descriptors_from_cmd() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        tracing::warn!(
+            "cannot list /proc/self/fd: descriptors exec inherited may reach the command"
+        );
+        return;
+    };
+    let inherited: Vec<i32> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    // The directory's own descriptor is among them and closed by now: EBADF, ignored.
+    for fd in inherited {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+}
+
+/// Checks the `--keep-env` names: non-empty, no `=` or NUL.
+fn check_keep_env(names: &[String]) -> Result<(), Failure> {
+    for name in names {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(Failure::usage(format!(
+                "--keep-env {name:?}: not a variable name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `program` as `execvp` would find it in exec's own `PATH` (used under `--clear-env`,
+/// where CMD's environment has no `PATH`); unchanged when it has a `/` or is not found.
+fn resolve(program: &OsString) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let as_is = PathBuf::from(program);
+    if program.as_bytes().contains(&b'/') {
+        return as_is;
+    }
+    let Some(path) = std::env::var_os("PATH") else {
+        return as_is;
+    };
+    std::env::split_paths(&path)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or(as_is)
+}
+
+/// CMD's command: `exec`'s environment, or only the socket variable and the kept names
+/// under `--clear-env`. Warns once, naming them, about credential-like variables that
+/// pass through the inherited environment.
+fn command(
+    args: &ExecArgs,
+    program: &OsString,
+    rest: &[OsString],
+    socket: &std::path::Path,
+) -> Command {
+    let mut cmd;
+    if args.clear_env {
+        cmd = Command::new(resolve(program));
+        cmd.env_clear();
+        for name in &args.keep_env {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+    } else {
+        cmd = Command::new(program);
+        let mut names: Vec<String> = std::env::vars_os()
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .filter(|name| name != SOCKET_ENV && looks_like_credential(name))
+            .collect();
+        if !names.is_empty() {
+            names.sort();
+            tracing::warn!(
+                variables = %names.join(" "),
+                "host variables that look like credentials pass to the command; \
+                 --clear-env keeps them out (add --keep-env NAME for what it needs), \
+                 or unset them"
+            );
+        }
+    }
+    cmd.arg0(program).args(rest).env(SOCKET_ENV, socket);
+    cmd
+}
+
 /// Runs `exec`; returns CMD's exit status.
 pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
+    keep_inherited_descriptors_from_cmd();
+    check_keep_env(&args.keep_env)?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .ok_or_else(|| Failure::usage("no command given"))?;
     let config = build_config(&args.serve)?;
     // Catch the signals before anything starts, so none can kill us between the proxy's
     // start and the child's.
@@ -116,14 +252,7 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     let signals_handle = signals.handle();
     let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
 
-    let (program, rest) = args
-        .command
-        .split_first()
-        .ok_or_else(|| Failure::usage("no command given"))?;
-    let child = Command::new(program)
-        .args(rest)
-        .env(SOCKET_ENV, handle.socket_path())
-        .spawn();
+    let child = command(&args, program, rest, handle.socket_path()).spawn();
     let child = match child {
         Ok(child) => child,
         Err(e) => {
