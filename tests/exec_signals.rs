@@ -81,6 +81,23 @@ impl Output {
         }
     }
 
+    /// Waits (up to `DEADLINE`) until the output holds a whole line from `prefix` on.
+    #[track_caller]
+    fn wait_for_line(&mut self, prefix: &str) {
+        let t0 = Instant::now();
+        while !self
+            .text
+            .find(prefix)
+            .is_some_and(|at| self.text[at..].contains('\n'))
+        {
+            let left = DEADLINE.saturating_sub(t0.elapsed());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.text.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(e) => panic!("no {prefix:?} line ({e:?}); output so far: {:?}", self.text),
+            }
+        }
+    }
+
     /// The number after `prefix` on its line (the output must contain it).
     fn number_after(&self, prefix: &str) -> i32 {
         let start = self.text.find(prefix).expect("prefix") + prefix.len();
@@ -123,8 +140,7 @@ fn ctrl_c_on_the_terminal_never_kills_an_interactive_cmd() {
     let mut guard = ChildGuard::new(child, false);
     let mut master = File::from(pty.master);
     let mut out = Output::read(master.try_clone().expect("dup master"));
-    out.wait_for("ready-");
-    out.wait_for("\n");
+    out.wait_for_line("ready-");
     let cmd_pid = Pid::from_raw(out.number_after("ready-"));
     let exec_pid = guard.pid();
     assert_eq!(
@@ -236,7 +252,12 @@ fn signals_that_concern_exec_alone_are_dropped_and_never_kill_it() {
         Signal::SIGXCPU,
         Signal::SIGXFSZ,
         Signal::SIGIO,
+        #[cfg(target_os = "linux")]
         Signal::SIGPWR,
+        #[cfg(all(
+            target_os = "linux",
+            not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))
+        ))]
         Signal::SIGSTKFLT,
     ] {
         let f = Fixture::new();

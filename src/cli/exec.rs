@@ -109,13 +109,18 @@ const FORWARDED: [Signal; 8] = [
 ];
 
 /// The signals caught and dropped: they concern `exec` alone (see the module doc).
-const DROPPED: [Signal; 7] = [
+const DROPPED: &[Signal] = &[
     Signal::SIGVTALRM,
     Signal::SIGPROF,
     Signal::SIGXCPU,
     Signal::SIGXFSZ,
     Signal::SIGIO,
+    #[cfg(target_os = "linux")]
     Signal::SIGPWR,
+    #[cfg(all(
+        target_os = "linux",
+        not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64"))
+    ))]
     Signal::SIGSTKFLT,
 ];
 
@@ -246,7 +251,7 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     let config = build_config(&args.serve)?;
     // Catch the signals before anything starts, so none can kill us between the proxy's
     // start and the child's.
-    let caught = FORWARDED.iter().chain(&DROPPED).map(|&s| s as i32);
+    let caught = FORWARDED.iter().chain(DROPPED).map(|&s| s as i32);
     let mut signals = SignalsInfo::<WithOrigin>::new(caught)
         .map_err(|e| Failure::new(format!("cannot handle signals: {e}")))?;
     let signals_handle = signals.handle();
