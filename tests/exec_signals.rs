@@ -215,9 +215,51 @@ fn a_second_stop_signal_within_the_window_still_kills() {
     let script = "trap 'echo got-stop' TERM INT\necho ready\nwhile :; do sleep 0.05; done";
     let (mut guard, mut out) = spawn_exec(&f, script);
     out.wait_for("ready");
+    // Back to back, so even a loaded machine keeps them well inside the window; two
+    // different signals, so neither can merge into the other while pending.
     guard.signal(Signal::SIGTERM);
-    out.wait_for("got-stop");
     guard.signal(Signal::SIGINT);
+    let status = guard.wait_exit("credproxy exec");
+    assert_eq!(status.code(), Some(137), "output: {:?}", out.text);
+    assert_eq!(f.sockets(), Vec::<std::path::PathBuf>::new(), "socket left");
+}
+
+#[test]
+fn terminal_ctrl_c_is_forwarded_to_a_cmd_in_its_own_session_and_counts() {
+    // CMD calls setsid: the terminal's Ctrl-C reaches exec only, which must pass it on;
+    // since exec forwarded it, two within the window escalate.
+    let f = Fixture::new();
+    let inner = f.tmp.path().join("own-session.sh");
+    std::fs::write(
+        &inner,
+        "n=0\ntrap 'n=$((n+1)); echo \"int-$n\"' INT\necho \"ready-$$\"\n\
+         while :; do sleep 0.05; done\n",
+    )
+    .expect("write script");
+    let script = format!("exec setsid /bin/sh {}", path_str(&inner));
+    let script = script.as_str();
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = File::from(pty.slave);
+    let mut cmd = Command::new("setsid");
+    cmd.arg("--ctty")
+        .arg(BIN)
+        .args(exec_args(&f, script))
+        .env_remove("RUST_LOG")
+        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    let child = cmd.spawn().expect("spawn setsid --ctty credproxy exec");
+    drop(cmd);
+    let mut guard = ChildGuard::new(child, false);
+    let mut master = File::from(pty.master);
+    let mut out = Output::read(master.try_clone().expect("dup master"));
+    out.wait_for_line("ready-");
+    let cmd_pid = Pid::from_raw(out.number_after("ready-"));
+    master.write_all(b"\x03").expect("write Ctrl-C");
+    out.wait_for("int-1");
+    assert_alive(cmd_pid, "CMD");
+    master.write_all(b"\x03").expect("write Ctrl-C");
     let status = guard.wait_exit("credproxy exec");
     assert_eq!(status.code(), Some(137), "output: {:?}", out.text);
 }
