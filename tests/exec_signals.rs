@@ -5,7 +5,9 @@
 //!   to cancel an operation survives any number of them (issue 13 item 2). Tested on a
 //!   pty that is the controlling terminal of `exec`'s session (`setsid --ctty`).
 //! - A stop signal (SIGINT, SIGTERM) that `exec` forwarded itself escalates to SIGKILL
-//!   only when another one comes within the escalation window (3 s) after it.
+//!   only when another one comes within the escalation window (3 s) after it; that
+//!   includes the terminal's Ctrl-C when CMD runs in its own session (it did not get it,
+//!   so `exec` forwards it).
 //! - The other catchable signals whose default would kill `exec` are forwarded (SIGUSR1,
 //!   SIGUSR2, SIGALRM, SIGWINCH) or dropped (SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, SIGIO,
 //!   SIGPWR, SIGSTKFLT): `exec` never dies before CMD (issue 13 item 8).
