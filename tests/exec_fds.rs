@@ -38,13 +38,19 @@ fn targets(pid: Pid) -> Vec<String> {
         .collect()
 }
 
-/// Runs `sh -c PRELUDE; exec credproxy exec ... -- CMD` where CMD fetches a token through
-/// the file store (so the socket, the lock files and the inotify watch have all been
-/// used), prints its pid and becomes `sleep`; returns CMD's descriptors, and exec's.
+/// Runs `sh -c PRELUDE; exec credproxy exec ... -- CMD` where CMD reads, saves and reads a
+/// token through the file store (so the socket, the lock files and the inotify watch have
+/// all been used), prints its pid and becomes `sleep`; returns CMD's descriptors, and
+/// exec's.
 fn cmd_descriptors(prelude: &str) -> (BTreeSet<i32>, Vec<String>) {
     let f = Fixture::new();
     f.seed_token("anthropic", "default", "at-fds", "rt-fds");
-    let cmd = "\"$1\" token get anthropic >/dev/null || exit 3; echo \"pid=$$\"; exec sleep 30";
+    // A read, then a write (which takes the store's lock file), then a read again.
+    let cmd = "\"$1\" token get anthropic >/dev/null || exit 3\n\
+               printf '{\"access_token\":\"at-2\",\"expiry\":1900000000,\"token_type\":\"Bearer\"}' \
+                 | \"$1\" token save anthropic || exit 4\n\
+               \"$1\" token get anthropic | grep -q at-2 || exit 5\n\
+               echo \"pid=$$\"; exec sleep 30";
     let mut exec_args = strings(&["exec", "--store"]);
     exec_args.push(path_str(&f.store));
     exec_args.push("--socket-dir".into());
@@ -119,9 +125,9 @@ fn cmd_has_only_stdin_stdout_and_stderr() {
 #[test]
 fn descriptors_exec_inherited_do_not_reach_cmd() {
     // exec's parent leaves descriptors 7 and 9 open across its own exec (no close-on-exec).
-    let (cmd_fds, exec_targets) = cmd_descriptors("exec 7</etc/hostname 9>>stray.log");
+    let (cmd_fds, exec_targets) = cmd_descriptors(": >stray.in; exec 7<stray.in 9>>stray.log");
     assert!(
-        exec_targets.iter().any(|t| t == "/etc/hostname"),
+        exec_targets.iter().any(|t| t.ends_with("/stray.in")),
         "exec did inherit the stray descriptor: {exec_targets:?}"
     );
     assert_eq!(cmd_fds, BTreeSet::from([0, 1, 2]));
