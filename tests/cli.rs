@@ -183,6 +183,43 @@ fn sigint_exits_0_and_removes_the_socket() {
     assert_signal_stops_cleanly(Signal::SIGINT);
 }
 
+/// A closed terminal or a `kill -HUP` must not leave the socket behind (issue 13 item 8).
+#[test]
+fn sighup_exits_0_and_removes_the_socket() {
+    assert_signal_stops_cleanly(Signal::SIGHUP);
+}
+
+/// SIGQUIT's default would dump core (with whatever secrets the server holds) and leave
+/// the socket: serve shuts down cleanly instead.
+#[test]
+fn sigquit_exits_0_and_removes_the_socket() {
+    assert_signal_stops_cleanly(Signal::SIGQUIT);
+}
+
+/// Signals whose default would kill serve without cleanup, and that ask nothing of it,
+/// are ignored: it goes on serving, then stops cleanly on SIGTERM.
+#[test]
+fn serve_ignores_user_and_timer_signals() {
+    let f = Fixture::new();
+    let mut server = f.serve(&["--allow", "anthropic"]);
+    for signal in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGVTALRM,
+        Signal::SIGPROF,
+    ] {
+        server.signal(signal);
+        // A round trip needs serve to run, and a pending signal is delivered first.
+        let _raw = server.connect();
+        assert!(server.child.running(), "serve died of {signal}");
+    }
+    let path = server.socket.clone();
+    let stopped = server.stop(Signal::SIGTERM);
+    assert_eq!(stopped.status.code(), Some(0), "{stopped:?}");
+    assert!(fs::symlink_metadata(&path).is_err(), "socket left behind");
+}
+
 /// A start that must fail: no socket line, exit `code` (any non-zero one when `None`),
 /// and one stderr line containing every needle.
 #[track_caller]

@@ -27,6 +27,9 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 4;
     /// Proxy internal error.
     pub const INTERNAL: u8 = 5;
+    /// The output could not be written (stdout full, closed, or a pipe with no reader):
+    /// the caller did not get what it asked for, so this is never success.
+    pub const OUTPUT: u8 = 6;
 }
 
 /// The exit code table, shown by `--help`.
@@ -37,7 +40,8 @@ Exit status of the token and key commands:
   2  usage error
   3  refused by the proxy (UNAUTHORIZED, FORBIDDEN, RATE_LIMITED, INVALID_REQUEST, ...)
   4  proxy unreachable or connection lost
-  5  proxy internal error";
+  5  proxy internal error
+  6  cannot write the output (stdout full, closed, or a pipe with no reader)";
 
 /// Largest token JSON read from stdin by `token save`.
 const MAX_STDIN: u64 = 64 * 1024;
@@ -185,15 +189,28 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::new(format!("cannot start the runtime: {e}")))
 }
 
-fn print_names(names: &[String], json: bool) {
+/// Writes `bytes` to stdout and flushes: a write error (a full device, a pipe whose reader
+/// is gone) is a failure with [`exit::OUTPUT`], never a silent success. The message names
+/// the cause only, never the bytes.
+fn emit(bytes: &[u8]) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::with_code(format!("cannot write the output: {e}"), exit::OUTPUT))
+}
+
+fn print_names(names: &[String], json: bool) -> Result<(), Failure> {
+    let mut text = String::new();
     if json {
-        let _ = writeln!(out, "{}", serde_json::to_string(names).unwrap_or_default());
+        text.push_str(&serde_json::to_string(names).unwrap_or_default());
+        text.push('\n');
     } else {
         for name in names {
-            let _ = writeln!(out, "{name}");
+            text.push_str(name);
+            text.push('\n');
         }
     }
+    emit(text.as_bytes())
 }
 
 fn not_found(what: String) -> Failure {
@@ -213,7 +230,7 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
                 let token = token.ok_or_else(|| not_found(format!("no token for {provider}")))?;
                 let mut text = SecretBytes(serde_json::to_vec(&token).unwrap_or_default());
                 text.0.push(b'\n');
-                let _ = std::io::stdout().lock().write_all(&text.0);
+                emit(&text.0)?;
             }
             TokenCommand::Save { provider, bucket } => {
                 let mut input = SecretBytes::default();
@@ -241,13 +258,13 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
                     .map_err(failure)?;
             }
             TokenCommand::List { json } => {
-                print_names(&client.list_providers().await.map_err(failure)?, json);
+                print_names(&client.list_providers().await.map_err(failure)?, json)?;
             }
             TokenCommand::Buckets { provider, json } => {
                 print_names(
                     &client.list_buckets(&provider).await.map_err(failure)?,
                     json,
-                );
+                )?;
             }
             TokenCommand::Stats { provider, bucket } => {
                 let stats = client
@@ -263,7 +280,7 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
                 if let Some(ms) = stats.last_used {
                     value["lastUsed"] = Value::from(ms);
                 }
-                println!("{value}");
+                emit(format!("{value}\n").as_bytes())?;
             }
         }
         client.close().await;
@@ -282,11 +299,11 @@ pub fn run_key(args: KeyArgs) -> Result<u8, Failure> {
                 let mut line = SecretBytes(Vec::with_capacity(key.expose().len() + 1));
                 line.0.extend_from_slice(key.expose().as_bytes());
                 line.0.push(b'\n');
-                let _ = std::io::stdout().lock().write_all(&line.0);
+                emit(&line.0)?;
                 exit::OK
             }
             KeyCommand::List { json } => {
-                print_names(&client.list_api_keys().await.map_err(failure)?, json);
+                print_names(&client.list_api_keys().await.map_err(failure)?, json)?;
                 exit::OK
             }
             KeyCommand::Has { name } => {

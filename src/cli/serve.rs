@@ -144,6 +144,31 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         };
         let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
         let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
+        // A closed terminal or `kill -HUP` ends the server like SIGTERM: with the cleanup
+        // (the socket removed), never by the default action that would leave it behind.
+        let mut sighup = handler(SignalKind::hangup(), "SIGHUP")?;
+        // SIGQUIT's default dumps core, with whatever secrets the server holds: a clean
+        // shutdown instead.
+        let mut sigquit = handler(SignalKind::quit(), "SIGQUIT")?;
+        // Signals whose default would kill the server without cleanup and that ask
+        // nothing of it: caught (tokio keeps its handler installed) and never read, so
+        // they are ignored.
+        let _ignored = [
+            (SignalKind::user_defined1(), "SIGUSR1"),
+            (SignalKind::user_defined2(), "SIGUSR2"),
+            (SignalKind::alarm(), "SIGALRM"),
+            (
+                SignalKind::from_raw(nix::sys::signal::Signal::SIGVTALRM as i32),
+                "SIGVTALRM",
+            ),
+            (
+                SignalKind::from_raw(nix::sys::signal::Signal::SIGPROF as i32),
+                "SIGPROF",
+            ),
+        ]
+        .into_iter()
+        .map(|(kind, name)| handler(kind, name))
+        .collect::<Result<Vec<_>, _>>()?;
         let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
@@ -157,6 +182,8 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         let signal = tokio::select! {
             _ = sigint.recv() => "SIGINT",
             _ = sigterm.recv() => "SIGTERM",
+            _ = sighup.recv() => "SIGHUP",
+            _ = sigquit.recv() => "SIGQUIT",
         };
         tracing::info!(signal, "shutting down");
         handle
