@@ -308,14 +308,23 @@ impl FileBackend {
         }
         self.check_mode(stat.st_mode, &path);
         let len = u64::try_from(stat.st_size).unwrap_or(0);
-        // Sized up front so that the buffer is not reallocated (leaving unwiped copies).
-        let mut buf = SecretBytes(Vec::with_capacity(len.min(MAX_FILE_LEN) as usize + 1));
+        // Sized up front, and never read past its capacity, so that the buffer is never
+        // reallocated (which would leave an unwiped copy of the file in freed memory).
+        let cap = len.min(MAX_FILE_LEN) + 1;
+        let mut buf = SecretBytes(Vec::with_capacity(cap as usize));
         File::from(fd)
-            .take(MAX_FILE_LEN + 1)
+            .take(cap)
             .read_to_end(&mut buf.0)
             .map_err(io_err("read", &path))?;
-        if buf.0.len() as u64 > MAX_FILE_LEN {
-            return Err(corrupt(&path, "larger than 1 MiB"));
+        if buf.0.len() as u64 >= cap {
+            // Longer than its size said: over the limit, or written in place meanwhile
+            // (never by us: we replace files by rename).
+            let why = if len >= MAX_FILE_LEN {
+                "larger than 1 MiB"
+            } else {
+                "it grew while it was read"
+            };
+            return Err(corrupt(&path, why));
         }
         Ok(Some(buf))
     }
@@ -719,14 +728,273 @@ fn list_json(dir: &DirFd, kind: NameKind) -> Result<Vec<String>, StoreError> {
     Ok(names)
 }
 
-/// Parses a store file; the error names the position only, never the content.
+/// Parses a store file; the error names the position only, never the content. No copy
+/// of a string of the file is left in freed memory (see [`wiping`]).
 fn parse_json(path: &Path, bytes: &SecretBytes) -> Result<Value, StoreError> {
-    serde_json::from_slice(&bytes.0).map_err(|e| {
-        corrupt(
+    wiping::parse(&bytes.0).map_err(|e| match e {
+        wiping::ParseError::Json(e) => corrupt(
             path,
             format!("not valid JSON at line {} column {}", e.line(), e.column()),
-        )
+        ),
+        wiping::ParseError::Invalid(what) => corrupt(path, format!("not valid JSON: {what}")),
     })
+}
+
+/// A JSON parse that leaves no copy of a string behind when its buffers are freed.
+///
+/// `serde_json::from_slice::<Value>` leaves three kinds of copies of a stored file's
+/// secrets in freed memory: a string with escapes is unescaped into the deserializer's
+/// private `scratch` buffer (grown by reallocation, freed unwiped, and out of our reach);
+/// a value replaced by a later duplicate key is dropped unwiped; and a parse that fails
+/// halfway drops what it built unwiped. Here serde_json only *validates* and *splits*: each
+/// member value is taken as a borrowed `&RawValue` (serde_json skips it without unescaping:
+/// `ignore_value` never writes a string into `scratch`), strings are unescaped by
+/// [`unescape`] into a buffer of their final size, a replaced duplicate is wiped, and a
+/// container under construction is wiped if the parse fails. Object keys (field names,
+/// not secrets) are still read by serde_json.
+mod wiping {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer as _, MapAccess, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+    use serde_json::{Map, Value};
+    use zeroize::{Zeroize, Zeroizing};
+
+    use crate::secret::wipe_json;
+
+    /// Nesting limit, as serde_json's own (128).
+    const MAX_DEPTH: usize = 128;
+
+    /// Why a file is not valid JSON; never its content.
+    pub enum ParseError {
+        /// serde_json's error (position and category only).
+        Json(serde_json::Error),
+        /// A rule checked here (nesting, escapes).
+        Invalid(&'static str),
+    }
+
+    impl From<serde_json::Error> for ParseError {
+        fn from(e: serde_json::Error) -> Self {
+            ParseError::Json(e)
+        }
+    }
+
+    /// A value under construction, wiped when dropped unless taken.
+    struct Wiping(Value);
+
+    impl Wiping {
+        fn take(mut self) -> Value {
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    impl Drop for Wiping {
+        fn drop(&mut self) {
+            wipe_json(&mut self.0);
+        }
+    }
+
+    /// Parses a whole file (UTF-8 checked, trailing characters refused).
+    pub fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
+        let raw: &RawValue = serde_json::from_slice(bytes)?;
+        value(raw.get(), 0)
+    }
+
+    /// One value whose text serde_json has already validated.
+    fn value(raw: &str, depth: usize) -> Result<Value, ParseError> {
+        if depth > MAX_DEPTH {
+            return Err(ParseError::Invalid("nested too deeply"));
+        }
+        match raw.as_bytes().first() {
+            Some(b'"') => unescape(raw).map(Value::String),
+            Some(b'{') => {
+                let mut de = serde_json::Deserializer::from_str(raw);
+                let v = de.deserialize_map(Container { depth })?;
+                de.end()?;
+                Ok(v)
+            }
+            Some(b'[') => {
+                let mut de = serde_json::Deserializer::from_str(raw);
+                let v = de.deserialize_seq(Container { depth })?;
+                de.end()?;
+                Ok(v)
+            }
+            // Numbers, true, false, null: nothing secret, nothing unescaped.
+            _ => Ok(serde_json::from_str(raw)?),
+        }
+    }
+
+    struct Container {
+        depth: usize,
+    }
+
+    fn nested<E: de::Error>(raw: &RawValue, depth: usize) -> Result<Value, E> {
+        value(raw.get(), depth + 1).map_err(|e| match e {
+            ParseError::Json(e) => E::custom(format_args!(
+                "invalid value at line {} column {}",
+                e.line(),
+                e.column()
+            )),
+            ParseError::Invalid(what) => E::custom(what),
+        })
+    }
+
+    impl<'de> Visitor<'de> for Container {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object or array")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut out = Wiping(Value::Object(Map::new()));
+            while let Some(key) = access.next_key::<String>()? {
+                let raw: &'de RawValue = access.next_value()?;
+                let v = nested(raw, self.depth)?;
+                if let Value::Object(map) = &mut out.0 {
+                    // The last duplicate wins, as in serde_json; the one it replaces is wiped.
+                    if let Some(mut replaced) = map.insert(key, v) {
+                        wipe_json(&mut replaced);
+                    }
+                }
+            }
+            Ok(out.take())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut out = Wiping(Value::Array(Vec::new()));
+            while let Some(raw) = access.next_element::<&'de RawValue>()? {
+                let v = nested(raw, self.depth)?;
+                if let Value::Array(items) = &mut out.0 {
+                    // A reallocation moves only the `Value`s (pointers), never string bytes.
+                    items.push(v);
+                }
+            }
+            Ok(out.take())
+        }
+    }
+
+    /// Unescapes a JSON string literal (quotes included, already validated by serde_json
+    /// except for surrogates) into a buffer allocated once at its final capacity: no
+    /// reallocation, and the buffer is wiped if the string turns out invalid.
+    fn unescape(raw: &str) -> Result<String, ParseError> {
+        let inner = raw
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .ok_or(ParseError::Invalid("bad string"))?
+            .as_bytes();
+        // An escape is never shorter than what it stands for.
+        let mut out = Zeroizing::new(Vec::with_capacity(inner.len()));
+        let mut i = 0;
+        while i < inner.len() {
+            let b = inner[i];
+            if b != b'\\' {
+                out.push(b);
+                i += 1;
+                continue;
+            }
+            let esc = *inner.get(i + 1).ok_or(ParseError::Invalid("bad escape"))?;
+            i += 2;
+            let simple = match esc {
+                b'"' => b'"',
+                b'\\' => b'\\',
+                b'/' => b'/',
+                b'b' => 0x08,
+                b'f' => 0x0c,
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'u' => {
+                    let first = hex4(inner, i)?;
+                    i += 4;
+                    let code = match first {
+                        0xD800..=0xDBFF => {
+                            if inner.get(i) != Some(&b'\\') || inner.get(i + 1) != Some(&b'u') {
+                                return Err(ParseError::Invalid(
+                                    "lone leading surrogate in hex escape",
+                                ));
+                            }
+                            let second = hex4(inner, i + 2)?;
+                            if !(0xDC00..=0xDFFF).contains(&second) {
+                                return Err(ParseError::Invalid(
+                                    "lone leading surrogate in hex escape",
+                                ));
+                            }
+                            i += 6;
+                            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+                        }
+                        0xDC00..=0xDFFF => {
+                            return Err(ParseError::Invalid(
+                                "lone trailing surrogate in hex escape",
+                            ))
+                        }
+                        other => other,
+                    };
+                    let c = char::from_u32(code).ok_or(ParseError::Invalid("bad escape"))?;
+                    let mut utf8 = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                    utf8.zeroize();
+                    continue;
+                }
+                _ => return Err(ParseError::Invalid("bad escape")),
+            };
+            out.push(simple);
+        }
+        let bytes = std::mem::take(&mut *out);
+        String::from_utf8(bytes).map_err(|e| {
+            e.into_bytes().zeroize();
+            ParseError::Invalid("not UTF-8")
+        })
+    }
+
+    fn hex4(s: &[u8], at: usize) -> Result<u32, ParseError> {
+        let digits = s.get(at..at + 4).ok_or(ParseError::Invalid("bad escape"))?;
+        let text = std::str::from_utf8(digits).map_err(|_| ParseError::Invalid("bad escape"))?;
+        u32::from_str_radix(text, 16).map_err(|_| ParseError::Invalid("bad escape"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Differential check against serde_json on the cases that matter.
+        #[test]
+        fn agrees_with_serde_json() {
+            let cases: &[&str] = &[
+                r#"{"a":"x\"y\\z\/\b\f\n\r\t","b":[1,"\u00e9\ud83d\ude00",null,true],"c":{"d":-1.5e3}}"#,
+                r#"{"k":"first","k":"second"}"#,
+                r#"  ["plain", {"x": []}, {}]  "#,
+                r#""top""#,
+                "12",
+                r#"{"a":"caf\u00e9 \u2028"}"#,
+            ];
+            for case in cases {
+                let ours = parse(case.as_bytes()).ok().expect(case);
+                let theirs: Value = serde_json::from_str(case).expect(case);
+                assert_eq!(ours, theirs, "{case}");
+            }
+        }
+
+        #[test]
+        fn refuses_what_serde_json_refuses() {
+            let bad: &[&str] = &[
+                r#"{"a":"\ud800"}"#,
+                r#"{"a":"\udc00"}"#,
+                r#"{"a":"\ud800\u0041"}"#,
+                r#"{"a":"x"} x"#,
+                r#"{"a":"\x"}"#,
+                "{\"a\":\"\u{1}\"}",
+                "",
+                "{",
+            ];
+            for case in bad {
+                assert!(serde_json::from_str::<Value>(case).is_err(), "{case}");
+                assert!(parse(case.as_bytes()).is_err(), "{case}");
+            }
+            let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+            assert!(parse(deep.as_bytes()).is_err());
+        }
+    }
 }
 
 /// Creates `dir` and any missing parent with mode 0700 (set by chmod, whatever the umask),
