@@ -127,29 +127,43 @@ fn a_store_writable_by_others_is_refused_before_another_user_can_plant_a_provide
     );
 }
 
-/// A store whose root is fine but whose `rel` entry is planted by `plant`: the server
-/// starts (root checks pass) only if `starts`, answers `get_token` with `INTERNAL_ERROR`,
-/// never the attacker's token, and `store token set` refuses with `expect` in its error.
+/// A store whose root is fine and a server already running on it when `plant` plants a
+/// provider directory: `get_token` and `save_token` get `INTERNAL_ERROR` (no path on the
+/// wire), never the attacker's token, and nothing reaches the attacker's directory. A new
+/// server then refuses to start (its sweep of temporary files walks the tree) and `store
+/// token set` refuses, both with `expect` in their message.
 fn planted_subdirectory_is_refused(plant: impl FnOnce(&Home, &Path), expect: &str) {
     let h = Home::new();
     let (code, _, err) = h.set_token("at-USER", "rt-USER");
     assert_eq!(code, Some(0), "seed: {err}");
     let (_g, evil) = attacker_dir();
+    let (running, socket) = as_user::start_serve(USER, &h.args(), &[]).expect("serve starts");
+    let mut raw = Raw::connect(&socket);
+    raw.handshake();
+    let reply = raw.call("g0", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["data"]["access_token"], "at-USER", "{reply}");
     plant(&h, &evil);
-    match as_user::start_serve(USER, &h.args(), &[]) {
-        Ok((_running, path)) => {
-            let mut raw = Raw::connect(&path);
-            raw.handshake();
-            let reply = raw.call("g", "get_token", json!({"provider": "anthropic"}));
-            let message = assert_err(&reply, "g", "INTERNAL_ERROR").to_owned();
-            assert!(!message.contains('/'), "no path on the wire: {message}");
-        }
-        Err((code, err)) => {
-            // Refusing to start is fine too (the sweep at open walks the tree), as long as
-            // it says why.
+    let reply = raw.call("g", "get_token", json!({"provider": "anthropic"}));
+    let message = assert_err(&reply, "g", "INTERNAL_ERROR").to_owned();
+    assert!(!message.contains('/'), "no path on the wire: {message}");
+    let token = json!({"access_token": "at-SANDBOX", "expiry": 1, "token_type": "Bearer"});
+    let reply = raw.call(
+        "s",
+        "save_token",
+        json!({"provider": "anthropic", "token": token}),
+    );
+    assert_err(&reply, "s", "INTERNAL_ERROR");
+    drop(running);
+
+    match h.serve() {
+        Served::Refused(code, err) => {
             assert_ne!(code, Some(0));
-            assert!(err.contains(expect), "{err}");
+            assert!(
+                err.contains(expect),
+                "clear refusal expected ({expect}): {err}"
+            );
         }
+        Served::Listening(_) => panic!("a new server started on a planted store"),
     }
     let (code, _, err) = h.set_token("at-USER-2", "rt-USER-SECRET");
     assert_ne!(
@@ -163,8 +177,8 @@ fn planted_subdirectory_is_refused(plant: impl FnOnce(&Home, &Path), expect: &st
     );
     let leaked = fs::read_to_string(evil.join("default.json")).expect("read");
     assert!(
-        !leaked.contains("rt-USER-SECRET"),
-        "refresh token handed to OTHER"
+        !leaked.contains("rt-USER-SECRET") && !leaked.contains("at-SANDBOX"),
+        "a token handed to OTHER"
     );
 }
 
@@ -319,4 +333,35 @@ fn a_store_below_another_users_directory_is_refused() {
         Served::Refused(_, err) => assert!(err.contains(s(&shared)), "{err}"),
         Served::Listening(_) => panic!("served a store another user can move"),
     }
+}
+
+#[test]
+fn a_read_only_store_is_served() {
+    if !unprivileged::root() {
+        return unprivileged::skip("a_read_only_store_is_served");
+    }
+    // Not writable even by its owner (as on a read-only mount): reads work, writes fail
+    // with the reason, nothing is refused for trust.
+    let h = Home::new();
+    let (code, _, err) = h.set_token("at-USER", "rt-USER");
+    assert_eq!(code, Some(0), "seed: {err}");
+    for dir in [
+        h.store.join("tokens/anthropic"),
+        h.store.join("tokens"),
+        h.store.clone(),
+    ] {
+        as_uid(USER, "chmod", &["500", s(&dir)]);
+    }
+    let (_running, socket) = as_user::start_serve(USER, &h.args(), &[]).expect("serve starts");
+    let mut raw = Raw::connect(&socket);
+    raw.handshake();
+    let reply = raw.call("g", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["data"]["access_token"], "at-USER", "{reply}");
+    let (code, _, err) = h.set_token("at-2", "rt-2");
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("Permission denied") && !err.contains("refused"),
+        "{err}"
+    );
+    as_uid(USER, "chmod", &["-R", "u+w", s(&h.store)]);
 }

@@ -158,7 +158,11 @@ impl FileBackend {
         dirs.extend(sub_dir(&root, KEYS, false)?);
         if let Some(tokens) = sub_dir(&root, TOKENS, false)? {
             for (name, file_type) in entries(&tokens)? {
-                if file_type == FileType::Directory {
+                // A symlink named as a provider is checked too (and refused): a planted
+                // redirect stops the start, with its path, rather than one request later.
+                let planted_link =
+                    file_type == FileType::Symlink && is_valid(NameKind::Provider, &name);
+                if file_type == FileType::Directory || planted_link {
                     dirs.extend(sub_dir(&tokens, &name, false)?);
                 }
             }
