@@ -735,12 +735,18 @@ fn list_json(dir: &DirFd, kind: NameKind) -> Result<Vec<String>, StoreError> {
 /// Parses a store file; the error names the position only, never the content. No copy
 /// of a string of the file is left in freed memory (see [`wiping`]).
 fn parse_json(path: &Path, bytes: &SecretBytes) -> Result<Value, StoreError> {
-    wiping::parse(&bytes.0).map_err(|e| match e {
-        wiping::ParseError::Json(e) => corrupt(
-            path,
-            format!("not valid JSON at line {} column {}", e.line(), e.column()),
-        ),
-        wiping::ParseError::Invalid(what) => corrupt(path, format!("not valid JSON: {what}")),
+    parse_secret_json(&bytes.0).map_err(|reason| corrupt(path, reason))
+}
+
+/// Parses JSON that holds secrets (the token given to `credproxy store token set`) as the
+/// store parses its files: no copy of a string is left in freed memory. The error says
+/// where or what is wrong (`not valid JSON at line 1 column 5`), never the content.
+pub(crate) fn parse_secret_json(bytes: &[u8]) -> Result<Value, String> {
+    wiping::parse(bytes).map_err(|e| match e {
+        wiping::ParseError::Json(e) => {
+            format!("not valid JSON at line {} column {}", e.line(), e.column())
+        }
+        wiping::ParseError::Invalid(what) => format!("not valid JSON: {what}"),
     })
 }
 
