@@ -985,6 +985,47 @@ mod wiping {
             }
         }
 
+        fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+            use proptest::prelude::*;
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+                "[\\\\\"/\u{0}-\u{1f}a\u{e9}\u{2028}\u{1f600}]{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec(("[a-z\\\\\"]{0,4}", inner), 0..6)
+                        .prop_map(|kv| { Value::Object(kv.into_iter().collect()) }),
+                ]
+            })
+        }
+
+        proptest::proptest! {
+            /// Whatever serde_json writes (every escape it produces, with and without
+            /// pretty-printing), we read back exactly as serde_json does.
+            #[test]
+            fn round_trips_what_serde_json_writes(v in json_value()) {
+                for text in [serde_json::to_string(&v).unwrap(), serde_json::to_string_pretty(&v).unwrap()] {
+                    let ours = parse(text.as_bytes()).ok();
+                    proptest::prop_assert_eq!(ours.as_ref(), Some(&v));
+                }
+            }
+
+            /// On arbitrary bytes (biased to JSON's alphabet) we accept exactly what
+            /// serde_json accepts, with the same value, duplicates and escapes included.
+            #[test]
+            fn agrees_with_serde_json_on_any_input(
+                text in "[{}\\[\\],:\"\\\\ u0-9a-fA-Fnrtbe.+\\-]{0,40}",
+            ) {
+                let theirs = serde_json::from_str::<Value>(&text).ok();
+                let ours = parse(text.as_bytes()).ok();
+                proptest::prop_assert_eq!(ours, theirs, "{:?}", text);
+            }
+        }
+
         #[test]
         fn refuses_what_serde_json_refuses() {
             let bad: &[&str] = &[
