@@ -50,47 +50,14 @@ pub fn check_ancestors(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the owner and mode of one directory that must be private to us: owned by our
-/// euid, not a symlink, not writable by group or others. `what` names it in the error.
-pub fn check_private_dir(meta: &fs::Metadata, path: &Path, what: &str) -> Result<(), String> {
-    let euid = geteuid().as_raw();
-    if meta.file_type().is_symlink() {
-        return Err(format!(
-            "{what} {} is a symlink; name the real directory",
-            path.display()
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(format!("{what} {} is not a directory", path.display()));
-    }
-    if meta.uid() != euid {
-        return Err(format!(
-            "{what} {} is owned by uid {} instead of {euid}",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{what} {} is writable by group or others (mode {:o}); chmod go-w it",
-            path.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-/// `path` with `.` removed and `..` applied lexically (as the kernel would after a
-/// symlink-free prefix; symlinks are checked in [`check_ancestors`] through the resolved
-/// path).
+/// `path` with `.` components removed. `..` stays: every prefix is then the path the
+/// kernel resolves (`link/..` is the link target's parent, not the link's), and a symlink
+/// before a `..` is still checked as a prefix of its own.
 fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::from("/");
     for c in path.components() {
         match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
+            Component::Normal(_) | Component::ParentDir => out.push(c),
             Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
         }
     }
@@ -161,9 +128,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalize_applies_dots() {
-        assert_eq!(normalize(Path::new("/a/./b/../c")), Path::new("/a/c"));
-        assert_eq!(normalize(Path::new("/../a")), Path::new("/a"));
+    fn normalize_drops_only_single_dots() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), Path::new("/a/b/../c"));
+        let prefixes: Vec<_> = normalize(Path::new("/a/link/../c"))
+            .ancestors()
+            .map(Path::to_owned)
+            .collect();
+        assert!(
+            prefixes.contains(&PathBuf::from("/a/link")),
+            "the link is checked"
+        );
     }
 
     #[test]
