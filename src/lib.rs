@@ -45,6 +45,7 @@ pub mod socket;
 pub mod store;
 pub mod supervisor;
 pub mod token;
+pub mod trust;
 
 pub use config::{Config, Limits};
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@ use nix::unistd::{geteuid, Pid};
 use rand::RngCore;
 
 use crate::error::{Error, Result};
+use crate::trust;
 
 /// The longest socket path in bytes, without the terminating NUL: `sun_path` holds 108
 /// bytes on Linux and 104 on macOS.
@@ -50,7 +51,19 @@ fn refuse(path: &Path, reason: impl Into<String>) -> Error {
 
 /// Prepares the default per-user directory: creates it 0700, or checks an existing one
 /// (a symlink or a foreign owner is refused; group/other bits are removed with a warning).
+///
+/// Every directory above it (the temp directory and its parents) must pass
+/// [`trust::check_ancestors`]: a temp directory another non-root uid owns or can write
+/// without a root-owned sticky bit is refused.
 pub fn prepare_default_dir(dir: &Path) -> Result<()> {
+    trust::check_ancestors(dir).map_err(|r| {
+        refuse(
+            dir,
+            format!(
+                "{r}; set TMPDIR to a directory only you and root control, or pass --socket-dir"
+            ),
+        )
+    })?;
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -93,11 +106,14 @@ pub fn prepare_default_dir(dir: &Path) -> Result<()> {
 }
 
 /// Checks a directory named by the caller: it must exist, not be a symlink, be owned by
-/// this uid and not be writable by group or others. It is used as it is.
+/// this uid and not be writable by group or others, and every directory above it must
+/// pass [`trust::check_ancestors`] (OpenSSH's `safe_path` rule: owned by root or us, not
+/// writable by others unless root's or our sticky directory). It is used as it is.
 pub fn check_caller_dir(dir: &Path) -> Result<()> {
     if !dir.is_absolute() {
         return Err(refuse(dir, "it must be an absolute path"));
     }
+    trust::check_ancestors(dir).map_err(|r| refuse(dir, r))?;
     let meta = fs::symlink_metadata(dir).map_err(|e| {
         refuse(
             dir,

@@ -901,3 +901,67 @@ fn lists_over_the_file_backend_are_sorted_and_skip_junk() {
     let reply = raw.call("ln", "list_buckets", json!({"provider": "none"}));
     assert_eq!(reply, ok("ln", json!({"buckets": []})));
 }
+
+/// Issue 13 item 7: the store directory removed and recreated under a server with the
+/// read cache. The watch of the old directory is gone; the cache must not keep answering
+/// from what it held (a removed token served) while nothing watches the new directory.
+#[test]
+fn a_store_directory_removed_and_recreated_never_leaves_the_cache_blind() {
+    let store = Store::new();
+    store.seed("p", "default", full("at-before", "rt-before"));
+    let backend = FileBackend::open(&store.dir)
+        .expect("open")
+        .with_read_cache();
+    let limits = Limits {
+        rate_limit: 0,
+        ..short_limits()
+    };
+    let server = Server::over(Arc::new(backend), limits);
+    let mut raw = server.connect();
+    let (mut stale, mut unseen) = (0, 0);
+    for round in 0..20 {
+        // Read twice: the second read is answered from the cache once it is filled.
+        for i in 0..2 {
+            let reply = raw.call(
+                &format!("a{round}-{i}"),
+                "get_token",
+                json!({"provider": "p"}),
+            );
+            if reply["ok"] != json!(true) {
+                unseen += 1;
+            }
+        }
+        fs::remove_dir_all(&store.dir).expect("remove the store");
+        fs::create_dir(&store.dir).expect("recreate it");
+        fs::set_permissions(&store.dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        // Let the watcher see what it can (it reacts in microseconds).
+        std::thread::sleep(Duration::from_millis(20));
+        let reply = raw.call(&format!("b{round}"), "get_token", json!({"provider": "p"}));
+        if reply["ok"] == json!(true) {
+            stale += 1;
+        } else {
+            assert_eq!(code(&reply), "NOT_FOUND", "{reply}");
+        }
+        // The next round's token, written into the new directory by another process.
+        store.seed("p", "default", full(&format!("at-{round}"), "rt"));
+        let want = sanitized(full(&format!("at-{round}"), "rt"));
+        // Well under the cache's 2 s backstop: only a working watch (or no cache) sees it.
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            let reply = raw.call(&format!("c{round}"), "get_token", json!({"provider": "p"}));
+            if reply["data"] == want {
+                break;
+            }
+            if Instant::now() > until {
+                unseen += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_eq!(
+        (stale, unseen),
+        (0, 0),
+        "of 20 rounds: a removed token served in {stale}, a new token unseen for 1 s in {unseen}"
+    );
+}

@@ -15,6 +15,25 @@
 //! path component (no `/`, never `.` or `..`) and nothing can reach outside `DIR`. Files
 //! whose names are not `<valid name>.json` (temporary files, notes, backups) are ignored.
 //!
+//! # Trust
+//!
+//! `DIR` and every directory below it must be owned by our euid, not be a symlink and not
+//! be writable by group or others; every directory above `DIR` must pass
+//! [`crate::trust::check_ancestors`] (OpenSSH's `safe_path` rule). The ancestors are
+//! checked once, at [`FileBackend::open`]; `DIR` itself and each subdirectory on every
+//! walk. Each operation opens `DIR` afresh with `O_DIRECTORY|O_NOFOLLOW`, then reaches
+//! `tokens/`, `tokens/<provider>/`, `keys/`, the lock file, the token and key files and the
+//! temporary files only through directory descriptors (`openat` with `O_NOFOLLOW`,
+//! `mkdirat`, `renameat`, `unlinkat`, `fstat`), so a symlink or a directory swapped in
+//! anywhere below `DIR` is never followed. A directory that fails a check is
+//! [`StoreError::Untrusted`]: the store refuses to open (`serve` does not start,
+//! `credproxy store` exits) when it is `DIR` or an ancestor, and the one request fails
+//! (`INTERNAL_ERROR` on the wire, the reason in the host's log) when it is below `DIR`.
+//! Missing subdirectories are created 0700 through their parent's descriptor; a missing
+//! `DIR` is created 0700 with its missing parents (after the ancestors check).
+//! The descriptors come from `rustix`: nix 0.29's `openat` returns a raw descriptor,
+//! which could only be owned with `unsafe` code.
+//!
 //! # Atomicity
 //!
 //! A file is never written in place. The new content goes to a temporary file in the same
@@ -32,14 +51,17 @@
 //! processes alike and no merge ever loses a concurrent update. Reads take no lock: thanks
 //! to the atomic rename they always see one complete version of a file.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::ffi::CStr;
+use std::fs::{self, DirBuilder, File, Permissions};
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::fcntl::{Flock, FlockArg};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, CWD};
 use serde_json::Value;
 
 use super::watch::ReadCache;
@@ -65,7 +87,7 @@ const MAX_FILE_LEN: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct FileBackend {
     dir: PathBuf,
-    /// Set once a group/other-accessible store file has been reported, to warn only once.
+    /// Set once a group/other-readable store file has been reported, to warn only once.
     warned_mode: AtomicBool,
     /// The inotify-validated read cache, when enabled (see [`super::watch`]).
     cache: Option<ReadCache>,
@@ -77,27 +99,43 @@ struct KeyFile<'a> {
     key: &'a str,
 }
 
+/// A store directory opened `O_DIRECTORY|O_NOFOLLOW` and checked (ours, not writable by
+/// group or others); everything below it is reached through its descriptor.
+struct DirFd {
+    fd: OwnedFd,
+    /// For error messages and logs only; never used to reach the directory.
+    path: PathBuf,
+}
+
 impl FileBackend {
     /// Opens the store in `dir`, creating it (and any missing parent) with mode 0700 when
-    /// it does not exist. An existing directory keeps its mode; a warning is logged when
-    /// group or others can access it. The process umask is never changed.
+    /// it does not exist. The process umask is never changed.
+    ///
+    /// Refused with [`StoreError::Untrusted`] (the server does not start, `credproxy
+    /// store` exits): a store directory that is a symlink, is not owned by us, or is
+    /// writable by group or others; a directory above it that another non-root uid owns or
+    /// can write (see [`crate::trust`]); a subdirectory that fails the same checks, found
+    /// by the sweep of leftover temporary files. A store readable by group or others is
+    /// accepted with a warning.
     pub fn open(dir: impl Into<PathBuf>) -> Result<FileBackend, StoreError> {
         let dir = dir.into();
+        let dir = if dir.is_absolute() {
+            dir
+        } else {
+            std::env::current_dir()
+                .map_err(io_err("resolve", &dir))?
+                .join(dir)
+        };
+        crate::trust::check_ancestors(&dir).map_err(|reason| untrusted(&dir, reason))?;
         create_dirs(&dir)?;
-        let meta = fs::metadata(&dir).map_err(io_err("stat", &dir))?;
-        if !meta.is_dir() {
-            return Err(StoreError::Io {
-                op: "open store",
-                path: dir,
-                source: Errno::ENOTDIR.into(),
-            });
-        }
+        // Checked again now that every missing parent exists (created by us).
+        crate::trust::check_ancestors(&dir).map_err(|reason| untrusted(&dir, reason))?;
         let backend = FileBackend {
             dir,
             warned_mode: AtomicBool::new(false),
             cache: None,
         };
-        backend.check_mode(&meta, &backend.dir);
+        backend.root()?;
         backend.sweep_temp_files()?;
         Ok(backend)
     }
@@ -106,52 +144,51 @@ impl FileBackend {
     /// Runs under the store lock: every writer holds it while its temporary file exists,
     /// so no write in progress in another process can lose its file.
     fn sweep_temp_files(&self) -> Result<(), StoreError> {
+        let root = self.root()?;
         // A store we may not write (a read-only mount) can still be served; a crashed
         // writer cannot have left anything there since it became read-only.
-        let _lock = match self.lock() {
+        let _lock = match self.lock(&root) {
             Ok(lock) => lock,
             Err(e) => {
                 tracing::debug!(error = %e, "store not writable: temp-file sweep skipped");
                 return Ok(());
             }
         };
-        let mut dirs = vec![self.dir.join(KEYS)];
-        if let Ok(entries) = fs::read_dir(self.dir.join(TOKENS)) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+        let mut dirs = Vec::new();
+        dirs.extend(sub_dir(&root, KEYS, false)?);
+        if let Some(tokens) = sub_dir(&root, TOKENS, false)? {
+            for (name, file_type) in entries(&tokens)? {
+                // A symlink named as a provider is checked too (and refused): a planted
+                // redirect stops the start, with its path, rather than one request later.
+                let planted_link =
+                    file_type == FileType::Symlink && is_valid(NameKind::Provider, &name);
+                if file_type == FileType::Directory || planted_link {
+                    dirs.extend(sub_dir(&tokens, &name, false)?);
+                }
+            }
         }
         for dir in dirs {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                let is_ours = name.starts_with('.') && name.ends_with(".tmp");
-                if !is_ours || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            for (name, file_type) in entries(&dir)? {
+                if !(name.starts_with('.') && name.ends_with(".tmp"))
+                    || file_type != FileType::RegularFile
+                {
                     continue;
                 }
-                let path = entry.path();
-                if let Some(len) = entry
-                    .metadata()
-                    .ok()
-                    .map(|m| m.len())
-                    .filter(|l| *l <= MAX_FILE_LEN)
-                {
-                    if let Ok(mut f) = OpenOptions::new()
-                        .write(true)
-                        .custom_flags(OFlag::O_NOFOLLOW.bits())
-                        .open(&path)
-                    {
+                let path = dir.path.join(&name);
+                if let Ok(fd) = rustix::fs::openat(
+                    &dir.fd,
+                    name.as_str(),
+                    OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    let mut f = File::from(fd);
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    if len <= MAX_FILE_LEN && f.metadata().is_ok_and(|m| m.is_file()) {
                         let _ = f.write_all(&vec![0u8; len as usize]);
                         let _ = f.sync_all();
                     }
                 }
-                match fs::remove_file(&path) {
+                match rustix::fs::unlinkat(&dir.fd, name.as_str(), AtFlags::empty()) {
                     Ok(()) => {
                         tracing::info!(path = %path.display(), "removed a temporary file left by an interrupted write")
                     }
@@ -198,22 +235,44 @@ impl FileBackend {
         &self.dir
     }
 
-    fn token_dir(&self, provider: &str) -> PathBuf {
-        self.dir.join(TOKENS).join(provider)
+    /// Opens and checks the store directory itself, afresh for every operation, so that a
+    /// store directory replaced while we run is checked again (and its ancestors were
+    /// checked at [`FileBackend::open`]).
+    fn root(&self) -> Result<DirFd, StoreError> {
+        match open_dir(CWD, self.dir.as_path(), &self.dir)? {
+            Some(root) => Ok(root),
+            None => Err(StoreError::Io {
+                op: "open store",
+                path: self.dir.clone(),
+                source: Errno::ENOENT.into(),
+            }),
+        }
+    }
+
+    /// `tokens/<provider>/`, created 0700 when `create`; `None` when absent.
+    fn token_dir(
+        &self,
+        root: &DirFd,
+        provider: &str,
+        create: bool,
+    ) -> Result<Option<DirFd>, StoreError> {
+        let Some(tokens) = sub_dir(root, TOKENS, create)? else {
+            return Ok(None);
+        };
+        sub_dir(&tokens, provider, create)
     }
 
     /// Takes the store's exclusive lock; it is released when the returned value drops.
-    fn lock(&self) -> Result<Flock<File>, StoreError> {
-        let path = self.dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .custom_flags(OFlag::O_NOFOLLOW.bits())
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+    fn lock(&self, root: &DirFd) -> Result<Flock<File>, StoreError> {
+        let path = root.path.join(LOCK_FILE);
+        let fd = rustix::fs::openat(
+            &root.fd,
+            LOCK_FILE,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map_err(|e| io_err("open", &path)(e.into()))?;
+        let mut file = File::from(fd);
         loop {
             match Flock::lock(file, FlockArg::LockExclusive) {
                 Ok(lock) => return Ok(lock),
@@ -223,55 +282,66 @@ impl FileBackend {
         }
     }
 
-    /// Warns (once per backend) when a store file or directory is open to group or others.
-    fn check_mode(&self, meta: &fs::Metadata, path: &Path) {
-        if meta.mode() & 0o077 != 0 && !self.warned_mode.swap(true, Ordering::Relaxed) {
+    /// Warns (once per backend) when a store file is open to group or others.
+    fn check_mode(&self, mode: u32, path: &Path) {
+        if mode & 0o077 != 0 && !self.warned_mode.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 path = %path.display(),
-                mode = format_args!("{:o}", meta.mode() & 0o7777),
+                mode = format_args!("{:o}", mode & 0o7777),
                 "credproxy store entry is accessible by group or others (expected 0600 files, 0700 directories)"
             );
         }
     }
 
-    /// The bytes of a store file; `None` when it does not exist. Symlinks are not followed.
-    fn read_file(&self, path: &Path) -> Result<Option<SecretBytes>, StoreError> {
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
-            .open(path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open", path)(e)),
+    /// The bytes of `dir/name`; `None` when it does not exist. Symlinks are not followed.
+    fn read_file(&self, dir: &DirFd, name: &str) -> Result<Option<SecretBytes>, StoreError> {
+        let path = dir.path.join(name);
+        let fd = match rustix::fs::openat(
+            &dir.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e.into())),
         };
-        let meta = file.metadata().map_err(io_err("stat", path))?;
-        if !meta.is_file() {
-            return Err(corrupt(path, "not a regular file"));
+        let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("stat", &path)(e.into()))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(corrupt(&path, "not a regular file"));
         }
-        self.check_mode(&meta, path);
-        // Sized up front so that the buffer is not reallocated (leaving unwiped copies).
-        let mut buf = SecretBytes(Vec::with_capacity(
-            meta.len().min(MAX_FILE_LEN) as usize + 1,
-        ));
-        (&file)
-            .take(MAX_FILE_LEN + 1)
+        self.check_mode(stat.st_mode, &path);
+        let len = u64::try_from(stat.st_size).unwrap_or(0);
+        // Sized up front, and never read past its capacity, so that the buffer is never
+        // reallocated (which would leave an unwiped copy of the file in freed memory).
+        let cap = len.min(MAX_FILE_LEN) + 1;
+        let mut buf = SecretBytes(Vec::with_capacity(cap as usize));
+        File::from(fd)
+            .take(cap)
             .read_to_end(&mut buf.0)
-            .map_err(io_err("read", path))?;
-        if buf.0.len() as u64 > MAX_FILE_LEN {
-            return Err(corrupt(path, "larger than 1 MiB"));
+            .map_err(io_err("read", &path))?;
+        if buf.0.len() as u64 >= cap {
+            // Longer than its size said: over the limit, or written in place meanwhile
+            // (never by us: we replace files by rename).
+            let why = if len >= MAX_FILE_LEN {
+                "larger than 1 MiB"
+            } else {
+                "it grew while it was read"
+            };
+            return Err(corrupt(&path, why));
         }
         Ok(Some(buf))
     }
 
-    fn read_token(&self, path: &Path) -> Result<Option<Token>, StoreError> {
-        let Some(bytes) = self.read_file(path)? else {
+    fn read_token(&self, dir: &DirFd, name: &str) -> Result<Option<Token>, StoreError> {
+        let Some(bytes) = self.read_file(dir, name)? else {
             return Ok(None);
         };
-        let value = parse_json(path, &bytes)?;
+        let path = dir.path.join(name);
+        let value = parse_json(&path, &bytes)?;
         Token::from_value(value)
             .map(Some)
-            .map_err(|e| corrupt(path, e.to_string()))
+            .map_err(|e| corrupt(&path, e.to_string()))
     }
 }
 
@@ -283,7 +353,11 @@ impl Backend for FileBackend {
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
-        self.read_token(&self.token_dir(provider).join(format!("{bucket}{EXT}")))
+        let root = self.root()?;
+        let Some(dir) = self.token_dir(&root, provider, false)? else {
+            return Ok(None);
+        };
+        self.read_token(&dir, &format!("{bucket}{EXT}"))
     }
 
     /// Read through the cache, which holds served tokens only: no refresh token is kept
@@ -326,13 +400,20 @@ impl Backend for FileBackend {
     ) -> Result<(), StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
-        let _lock = self.lock()?;
-        let dir = self.token_dir(provider);
+        let root = self.root()?;
+        let _lock = self.lock(&root)?;
+        let Some(dir) = self.token_dir(&root, provider, true)? else {
+            return Err(StoreError::Io {
+                op: "mkdir",
+                path: root.path.join(TOKENS).join(provider),
+                source: Errno::ENOENT.into(),
+            });
+        };
         let file_name = format!("{bucket}{EXT}");
         let merged;
         let next = match mode {
             SaveMode::Replace => incoming,
-            SaveMode::Merge => match self.read_token(&dir.join(&file_name))? {
+            SaveMode::Merge => match self.read_token(&dir, &file_name)? {
                 Some(stored) => {
                     merged = stored.merge(incoming);
                     &merged
@@ -348,47 +429,62 @@ impl Backend for FileBackend {
     fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
-        let _lock = self.lock()?;
-        let dir = self.token_dir(provider);
-        let removed = remove_file(&dir.join(format!("{bucket}{EXT}")));
+        let root = self.root()?;
+        let _lock = self.lock(&root)?;
+        let Some(tokens) = sub_dir(&root, TOKENS, false)? else {
+            return Ok(false);
+        };
+        let Some(dir) = sub_dir(&tokens, provider, false)? else {
+            return Ok(false);
+        };
+        let removed = remove_file(&dir, &format!("{bucket}{EXT}"));
         self.invalidate();
         let removed = removed?;
         // Drop the provider directory once its last token is gone (under the lock, so no
         // concurrent save is about to write into it).
-        match fs::remove_dir(&dir) {
-            Ok(()) => sync_dir(&self.dir.join(TOKENS))?,
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e)
-                if [Some(Errno::ENOTEMPTY as i32), Some(Errno::EEXIST as i32)]
-                    .contains(&e.raw_os_error()) =>
-            {
+        match rustix::fs::unlinkat(&tokens.fd, provider, AtFlags::REMOVEDIR) {
+            Ok(()) => sync_dir(&tokens)?,
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST) => {
                 if removed {
                     sync_dir(&dir)?;
                 }
             }
             Err(e) => {
-                tracing::warn!(path = %dir.display(), error = %e, "could not remove an empty provider directory")
+                tracing::warn!(path = %dir.path.display(), error = %e, "could not remove an empty provider directory")
             }
         }
         Ok(removed)
     }
 
     fn list_providers(&self) -> Result<Vec<String>, StoreError> {
-        let candidates = list_dir(&self.dir.join(TOKENS), |name, file_type| {
-            (file_type.is_dir() && is_valid(NameKind::Provider, name)).then(|| name.to_owned())
-        })?;
+        let root = self.root()?;
+        let Some(tokens) = sub_dir(&root, TOKENS, false)? else {
+            return Ok(Vec::new());
+        };
         let mut providers = Vec::new();
-        for provider in candidates {
-            if !self.list_buckets(&provider)?.is_empty() {
-                providers.push(provider);
+        for (name, file_type) in entries(&tokens)? {
+            if file_type != FileType::Directory || !is_valid(NameKind::Provider, &name) {
+                continue;
+            }
+            let Some(dir) = sub_dir(&tokens, &name, false)? else {
+                continue;
+            };
+            if !list_json(&dir, NameKind::Bucket)?.is_empty() {
+                providers.push(name);
             }
         }
+        providers.sort();
         Ok(providers)
     }
 
     fn list_buckets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
         check(NameKind::Provider, provider)?;
-        list_dir(&self.token_dir(provider), json_stem(NameKind::Bucket))
+        let root = self.root()?;
+        match self.token_dir(&root, provider, false)? {
+            Some(dir) => list_json(&dir, NameKind::Bucket),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
@@ -407,18 +503,29 @@ impl Backend for FileBackend {
 
     fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
         check(NameKind::Key, name)?;
-        let _lock = self.lock()?;
+        let root = self.root()?;
+        let _lock = self.lock(&root)?;
+        let Some(dir) = sub_dir(&root, KEYS, true)? else {
+            return Err(StoreError::Io {
+                op: "mkdir",
+                path: root.path.join(KEYS),
+                source: Errno::ENOENT.into(),
+            });
+        };
         let key = KeyFile { key: key.expose() };
-        let written = write_json(&self.dir.join(KEYS), &format!("{name}{EXT}"), &key);
+        let written = write_json(&dir, &format!("{name}{EXT}"), &key);
         self.invalidate();
         written
     }
 
     fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
         check(NameKind::Key, name)?;
-        let _lock = self.lock()?;
-        let dir = self.dir.join(KEYS);
-        let removed = remove_file(&dir.join(format!("{name}{EXT}")));
+        let root = self.root()?;
+        let _lock = self.lock(&root)?;
+        let Some(dir) = sub_dir(&root, KEYS, false)? else {
+            return Ok(false);
+        };
+        let removed = remove_file(&dir, &format!("{name}{EXT}"));
         self.invalidate();
         let removed = removed?;
         if removed {
@@ -428,7 +535,11 @@ impl Backend for FileBackend {
     }
 
     fn list_keys(&self) -> Result<Vec<String>, StoreError> {
-        list_dir(&self.dir.join(KEYS), json_stem(NameKind::Key))
+        let root = self.root()?;
+        match sub_dir(&root, KEYS, false)? {
+            Some(dir) => list_json(&dir, NameKind::Key),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn clear(&self) {
@@ -440,10 +551,15 @@ impl Backend for FileBackend {
 
 impl FileBackend {
     fn read_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
-        let path = self.dir.join(KEYS).join(format!("{name}{EXT}"));
-        let Some(bytes) = self.read_file(&path)? else {
+        let root = self.root()?;
+        let Some(dir) = sub_dir(&root, KEYS, false)? else {
             return Ok(None);
         };
+        let file_name = format!("{name}{EXT}");
+        let Some(bytes) = self.read_file(&dir, &file_name)? else {
+            return Ok(None);
+        };
+        let path = dir.path.join(&file_name);
         let mut map = match parse_json(&path, &bytes)? {
             Value::Object(map) => map,
             mut other => {
@@ -479,18 +595,463 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Parses a store file; the error names the position only, never the content.
-fn parse_json(path: &Path, bytes: &SecretBytes) -> Result<Value, StoreError> {
-    serde_json::from_slice(&bytes.0).map_err(|e| {
-        corrupt(
+fn untrusted(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::Untrusted {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Opens `name` in `parent` as a store directory: `O_DIRECTORY|O_NOFOLLOW`, then checks
+/// that it is ours and not writable by group or others. `None` when it does not exist;
+/// [`StoreError::Untrusted`] for a symlink, a non-directory, another owner or a
+/// group/other-writable mode.
+fn open_dir(parent: impl AsFd, name: &Path, path: &Path) -> Result<Option<DirFd>, StoreError> {
+    let fd = match rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => {
+            let what = match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                    "it is a symlink; a store directory must be a real directory".to_owned()
+                }
+                Ok(_) => "it is not a directory".to_owned(),
+                Err(_) => format!("cannot open it ({})", io::Error::from(e)),
+            };
+            return Err(untrusted(path, what));
+        }
+        Err(e) => return Err(io_err("open", path)(e.into())),
+    };
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("stat", path)(e.into()))?;
+    check_dir_stat(&stat, path)?;
+    Ok(Some(DirFd {
+        fd,
+        path: path.to_owned(),
+    }))
+}
+
+/// A store directory must be owned by our euid and not writable by group or others.
+fn check_dir_stat(stat: &Stat, path: &Path) -> Result<(), StoreError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if stat.st_uid != euid {
+        return Err(untrusted(
             path,
-            format!("not valid JSON at line {} column {}", e.line(), e.column()),
-        )
+            format!(
+                "it is owned by uid {} instead of {euid}; only the user who runs credproxy may own the store",
+                stat.st_uid
+            ),
+        ));
+    }
+    if stat.st_mode & 0o022 != 0 {
+        return Err(untrusted(
+            path,
+            format!(
+                "it is writable by group or others (mode {:o}); chmod 700 it",
+                stat.st_mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The subdirectory `name` of `parent` (a single valid path component), checked as
+/// [`open_dir`] does; created 0700 first when missing and `create` (the new entry's
+/// parent is flushed so that it survives a crash).
+fn sub_dir(parent: &DirFd, name: &str, create: bool) -> Result<Option<DirFd>, StoreError> {
+    let path = parent.path.join(name);
+    if let Some(dir) = open_dir(&parent.fd, Path::new(name), &path)? {
+        return Ok(Some(dir));
+    }
+    if !create {
+        return Ok(None);
+    }
+    match rustix::fs::mkdirat(&parent.fd, name, Mode::from_raw_mode(DIR_MODE)) {
+        Ok(()) => {
+            // Exactly 0700 whatever the umask; then the new entry is made durable.
+            let dir = open_dir(&parent.fd, Path::new(name), &path)?;
+            if let Some(dir) = &dir {
+                rustix::fs::fchmod(&dir.fd, Mode::from_raw_mode(DIR_MODE))
+                    .map_err(|e| io_err("chmod", &path)(e.into()))?;
+            }
+            sync_dir(parent)?;
+            Ok(dir)
+        }
+        Err(rustix::io::Errno::EXIST) => open_dir(&parent.fd, Path::new(name), &path),
+        Err(e) => Err(io_err("mkdir", &path)(e.into())),
+    }
+}
+
+/// The entries of `dir` (not `.` and `..`) with their type, which is read with
+/// `fstatat(AT_SYMLINK_NOFOLLOW)` when the file system does not report it. Names that
+/// are not UTF-8 are skipped (no valid store name is).
+fn entries(dir: &DirFd) -> Result<Vec<(String, FileType)>, StoreError> {
+    let list_err = |e: rustix::io::Errno| io_err("list", &dir.path)(e.into());
+    // `Dir` reads through its own descriptor (it opens `.` relative to ours).
+    let reader = rustix::fs::Dir::read_from(&dir.fd).map_err(list_err)?;
+    let mut out = Vec::new();
+    for entry in reader {
+        let entry = entry.map_err(list_err)?;
+        let name: &CStr = entry.file_name();
+        let Ok(name) = name.to_str() else {
+            continue;
+        };
+        if name == "." || name == ".." {
+            continue;
+        }
+        let file_type = match entry.file_type() {
+            FileType::Unknown => {
+                match rustix::fs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => FileType::from_raw_mode(st.st_mode),
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(io_err("stat", &dir.path.join(name))(e.into())),
+                }
+            }
+            known => known,
+        };
+        out.push((name.to_owned(), file_type));
+    }
+    Ok(out)
+}
+
+/// The names of the regular files `<valid name>.json` in `dir`, sorted.
+fn list_json(dir: &DirFd, kind: NameKind) -> Result<Vec<String>, StoreError> {
+    let mut names: Vec<String> = entries(dir)?
+        .into_iter()
+        .filter(|(_, t)| *t == FileType::RegularFile)
+        .filter_map(|(name, _)| {
+            let stem = name.strip_suffix(EXT)?;
+            is_valid(kind, stem).then(|| stem.to_owned())
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Parses a store file; the error names the position only, never the content. No copy
+/// of a string of the file is left in freed memory (see [`wiping`]).
+fn parse_json(path: &Path, bytes: &SecretBytes) -> Result<Value, StoreError> {
+    parse_secret_json(&bytes.0).map_err(|reason| corrupt(path, reason))
+}
+
+/// Parses JSON that holds secrets (the token given to `credproxy store token set`) as the
+/// store parses its files: no copy of a string is left in freed memory. The error says
+/// where or what is wrong (`not valid JSON at line 1 column 5`), never the content.
+pub(crate) fn parse_secret_json(bytes: &[u8]) -> Result<Value, String> {
+    wiping::parse(bytes).map_err(|e| match e {
+        wiping::ParseError::Json(e) => {
+            format!("not valid JSON at line {} column {}", e.line(), e.column())
+        }
+        wiping::ParseError::Invalid(what) => format!("not valid JSON: {what}"),
     })
 }
 
+/// A JSON parse that leaves no copy of a string behind when its buffers are freed.
+///
+/// `serde_json::from_slice::<Value>` leaves three kinds of copies of a stored file's
+/// secrets in freed memory: a string with escapes is unescaped into the deserializer's
+/// private `scratch` buffer (grown by reallocation, freed unwiped, and out of our reach);
+/// a value replaced by a later duplicate key is dropped unwiped; and a parse that fails
+/// halfway drops what it built unwiped. Here serde_json only *validates* and *splits*: each
+/// member value is taken as a borrowed `&RawValue` (serde_json skips it without unescaping:
+/// `ignore_value` never writes a string into `scratch`), strings are unescaped by
+/// [`unescape`] into a buffer of their final size, a replaced duplicate is wiped, and a
+/// container under construction is wiped if the parse fails. Object keys (field names,
+/// not secrets) are still read by serde_json.
+mod wiping {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer as _, MapAccess, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+    use serde_json::{Map, Value};
+    use zeroize::{Zeroize, Zeroizing};
+
+    use crate::secret::wipe_json;
+
+    /// Nesting limit, as serde_json's own (128).
+    const MAX_DEPTH: usize = 128;
+
+    /// Why a file is not valid JSON; never its content.
+    pub enum ParseError {
+        /// serde_json's error (position and category only).
+        Json(serde_json::Error),
+        /// A rule checked here (nesting, escapes).
+        Invalid(&'static str),
+    }
+
+    impl From<serde_json::Error> for ParseError {
+        fn from(e: serde_json::Error) -> Self {
+            ParseError::Json(e)
+        }
+    }
+
+    /// A value under construction, wiped when dropped unless taken.
+    struct Wiping(Value);
+
+    impl Wiping {
+        fn take(mut self) -> Value {
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    impl Drop for Wiping {
+        fn drop(&mut self) {
+            wipe_json(&mut self.0);
+        }
+    }
+
+    /// Parses a whole file (UTF-8 checked, trailing characters refused).
+    pub fn parse(bytes: &[u8]) -> Result<Value, ParseError> {
+        let raw: &RawValue = serde_json::from_slice(bytes)?;
+        value(raw.get(), 0)
+    }
+
+    /// One value whose text serde_json has already validated.
+    fn value(raw: &str, depth: usize) -> Result<Value, ParseError> {
+        if depth > MAX_DEPTH {
+            return Err(ParseError::Invalid("nested too deeply"));
+        }
+        match raw.as_bytes().first() {
+            Some(b'"') => unescape(raw).map(Value::String),
+            Some(b'{') => {
+                let mut de = serde_json::Deserializer::from_str(raw);
+                let v = de.deserialize_map(Container { depth })?;
+                de.end()?;
+                Ok(v)
+            }
+            Some(b'[') => {
+                let mut de = serde_json::Deserializer::from_str(raw);
+                let v = de.deserialize_seq(Container { depth })?;
+                de.end()?;
+                Ok(v)
+            }
+            // Numbers, true, false, null: nothing secret, nothing unescaped.
+            _ => Ok(serde_json::from_str(raw)?),
+        }
+    }
+
+    struct Container {
+        depth: usize,
+    }
+
+    fn nested<E: de::Error>(raw: &RawValue, depth: usize) -> Result<Value, E> {
+        value(raw.get(), depth + 1).map_err(|e| match e {
+            ParseError::Json(e) => E::custom(format_args!(
+                "invalid value at line {} column {}",
+                e.line(),
+                e.column()
+            )),
+            ParseError::Invalid(what) => E::custom(what),
+        })
+    }
+
+    impl<'de> Visitor<'de> for Container {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object or array")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut out = Wiping(Value::Object(Map::new()));
+            while let Some(key) = access.next_key::<String>()? {
+                let raw: &'de RawValue = access.next_value()?;
+                let v = nested(raw, self.depth)?;
+                if let Value::Object(map) = &mut out.0 {
+                    // The last duplicate wins, as in serde_json; the one it replaces is wiped.
+                    if let Some(mut replaced) = map.insert(key, v) {
+                        wipe_json(&mut replaced);
+                    }
+                }
+            }
+            Ok(out.take())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut out = Wiping(Value::Array(Vec::new()));
+            while let Some(raw) = access.next_element::<&'de RawValue>()? {
+                let v = nested(raw, self.depth)?;
+                if let Value::Array(items) = &mut out.0 {
+                    // A reallocation moves only the `Value`s (pointers), never string bytes.
+                    items.push(v);
+                }
+            }
+            Ok(out.take())
+        }
+    }
+
+    /// Unescapes a JSON string literal (quotes included, already validated by serde_json
+    /// except for surrogates) into a buffer allocated once at its final capacity: no
+    /// reallocation, and the buffer is wiped if the string turns out invalid.
+    fn unescape(raw: &str) -> Result<String, ParseError> {
+        let inner = raw
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .ok_or(ParseError::Invalid("bad string"))?
+            .as_bytes();
+        // An escape is never shorter than what it stands for.
+        let mut out = Zeroizing::new(Vec::with_capacity(inner.len()));
+        let mut i = 0;
+        while i < inner.len() {
+            let b = inner[i];
+            if b != b'\\' {
+                out.push(b);
+                i += 1;
+                continue;
+            }
+            let esc = *inner.get(i + 1).ok_or(ParseError::Invalid("bad escape"))?;
+            i += 2;
+            let simple = match esc {
+                b'"' => b'"',
+                b'\\' => b'\\',
+                b'/' => b'/',
+                b'b' => 0x08,
+                b'f' => 0x0c,
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'u' => {
+                    let first = hex4(inner, i)?;
+                    i += 4;
+                    let code = match first {
+                        0xD800..=0xDBFF => {
+                            if inner.get(i) != Some(&b'\\') || inner.get(i + 1) != Some(&b'u') {
+                                return Err(ParseError::Invalid(
+                                    "lone leading surrogate in hex escape",
+                                ));
+                            }
+                            let second = hex4(inner, i + 2)?;
+                            if !(0xDC00..=0xDFFF).contains(&second) {
+                                return Err(ParseError::Invalid(
+                                    "lone leading surrogate in hex escape",
+                                ));
+                            }
+                            i += 6;
+                            0x10000 + ((first - 0xD800) << 10) + (second - 0xDC00)
+                        }
+                        0xDC00..=0xDFFF => {
+                            return Err(ParseError::Invalid(
+                                "lone trailing surrogate in hex escape",
+                            ))
+                        }
+                        other => other,
+                    };
+                    let c = char::from_u32(code).ok_or(ParseError::Invalid("bad escape"))?;
+                    let mut utf8 = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                    utf8.zeroize();
+                    continue;
+                }
+                _ => return Err(ParseError::Invalid("bad escape")),
+            };
+            out.push(simple);
+        }
+        let bytes = std::mem::take(&mut *out);
+        String::from_utf8(bytes).map_err(|e| {
+            e.into_bytes().zeroize();
+            ParseError::Invalid("not UTF-8")
+        })
+    }
+
+    fn hex4(s: &[u8], at: usize) -> Result<u32, ParseError> {
+        let digits = s.get(at..at + 4).ok_or(ParseError::Invalid("bad escape"))?;
+        let text = std::str::from_utf8(digits).map_err(|_| ParseError::Invalid("bad escape"))?;
+        u32::from_str_radix(text, 16).map_err(|_| ParseError::Invalid("bad escape"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Differential check against serde_json on the cases that matter.
+        #[test]
+        fn agrees_with_serde_json() {
+            let cases: &[&str] = &[
+                r#"{"a":"x\"y\\z\/\b\f\n\r\t","b":[1,"\u00e9\ud83d\ude00",null,true],"c":{"d":-1.5e3}}"#,
+                r#"{"k":"first","k":"second"}"#,
+                r#"  ["plain", {"x": []}, {}]  "#,
+                r#""top""#,
+                "12",
+                r#"{"a":"caf\u00e9 \u2028"}"#,
+            ];
+            for case in cases {
+                let ours = parse(case.as_bytes()).ok().expect(case);
+                let theirs: Value = serde_json::from_str(case).expect(case);
+                assert_eq!(ours, theirs, "{case}");
+            }
+        }
+
+        fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+            use proptest::prelude::*;
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+                "[\\\\\"/\u{0}-\u{1f}a\u{e9}\u{2028}\u{1f600}]{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::vec(("[a-z\\\\\"]{0,4}", inner), 0..6)
+                        .prop_map(|kv| { Value::Object(kv.into_iter().collect()) }),
+                ]
+            })
+        }
+
+        proptest::proptest! {
+            /// Whatever serde_json writes (every escape it produces, with and without
+            /// pretty-printing), we read back exactly as serde_json does.
+            #[test]
+            fn round_trips_what_serde_json_writes(v in json_value()) {
+                for text in [serde_json::to_string(&v).unwrap(), serde_json::to_string_pretty(&v).unwrap()] {
+                    let ours = parse(text.as_bytes()).ok();
+                    proptest::prop_assert_eq!(ours.as_ref(), Some(&v));
+                }
+            }
+
+            /// On arbitrary bytes (biased to JSON's alphabet) we accept exactly what
+            /// serde_json accepts, with the same value, duplicates and escapes included.
+            #[test]
+            fn agrees_with_serde_json_on_any_input(
+                text in "[{}\\[\\],:\"\\\\ u0-9a-fA-Fnrtbe.+\\-]{0,40}",
+            ) {
+                let theirs = serde_json::from_str::<Value>(&text).ok();
+                let ours = parse(text.as_bytes()).ok();
+                proptest::prop_assert_eq!(ours, theirs, "{:?}", text);
+            }
+        }
+
+        #[test]
+        fn refuses_what_serde_json_refuses() {
+            let bad: &[&str] = &[
+                r#"{"a":"\ud800"}"#,
+                r#"{"a":"\udc00"}"#,
+                r#"{"a":"\ud800\u0041"}"#,
+                r#"{"a":"x"} x"#,
+                r#"{"a":"\x"}"#,
+                "{\"a\":\"\u{1}\"}",
+                "",
+                "{",
+            ];
+            for case in bad {
+                assert!(serde_json::from_str::<Value>(case).is_err(), "{case}");
+                assert!(parse(case.as_bytes()).is_err(), "{case}");
+            }
+            let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+            assert!(parse(deep.as_bytes()).is_err());
+        }
+    }
+}
+
 /// Creates `dir` and any missing parent with mode 0700 (set by chmod, whatever the umask),
-/// flushing each new directory's parent so that the new entry survives a crash.
+/// flushing each new directory's parent so that the new entry survives a crash. Only the
+/// store root and its parents are created by path; their ancestors were checked first
+/// ([`crate::trust::check_ancestors`]), so no other uid can redirect them.
 fn create_dirs(dir: &Path) -> Result<(), StoreError> {
     let mut missing = Vec::new();
     let mut cur = dir;
@@ -510,10 +1071,13 @@ fn create_dirs(dir: &Path) -> Result<(), StoreError> {
             Ok(()) => {
                 fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
                     .map_err(io_err("chmod", path))?;
-                match path.parent() {
-                    Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
-                    _ => sync_dir(Path::new("."))?,
-                }
+                let parent = match path.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => parent,
+                    _ => Path::new("."),
+                };
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("fsync", parent))?;
             }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("mkdir", path)(e)),
@@ -522,18 +1086,16 @@ fn create_dirs(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+fn sync_dir(dir: &DirFd) -> Result<(), StoreError> {
+    rustix::fs::fsync(&dir.fd).map_err(|e| io_err("fsync", &dir.path)(e.into()))
 }
 
-/// Deletes a file; `Ok(false)` when it did not exist.
-fn remove_file(path: &Path) -> Result<bool, StoreError> {
-    match fs::remove_file(path) {
+/// Deletes `dir/name`; `Ok(false)` when it did not exist.
+fn remove_file(dir: &DirFd, name: &str) -> Result<bool, StoreError> {
+    match rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()) {
         Ok(()) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_err("remove", path)(e)),
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(io_err("remove", &dir.path.join(name))(e.into())),
     }
 }
 
@@ -557,76 +1119,44 @@ fn to_json(value: &impl serde::Serialize) -> serde_json::Result<SecretBytes> {
     Ok(buf)
 }
 
-/// Replaces `dir/name` with `value` as JSON, atomically (see the module documentation),
-/// creating `dir` first when needed. An error from the final directory flush means the new
-/// file is in place but might not survive a crash.
-fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
-    let target = dir.join(name);
+/// Replaces `dir/name` with `value` as JSON, atomically (see the module documentation).
+/// An error from the final directory flush means the new file is in place but might not
+/// survive a crash.
+fn write_json(dir: &DirFd, name: &str, value: &impl serde::Serialize) -> Result<(), StoreError> {
+    let target = dir.path.join(name);
     let data = to_json(value).map_err(|e| io_err("serialize", &target)(e.into()))?;
-    create_dirs(dir)?;
     let mut attempt = 0;
     let (tmp, mut file) = loop {
-        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-        {
-            Ok(file) => break (tmp, file),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
-            Err(e) => return Err(io_err("create", &tmp)(e)),
+        let tmp = format!(".{name}.{:08x}.tmp", rand::random::<u32>());
+        match rustix::fs::openat(
+            &dir.fd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        ) {
+            Ok(fd) => break (tmp, File::from(fd)),
+            Err(rustix::io::Errno::EXIST) if attempt < 8 => attempt += 1,
+            Err(e) => return Err(io_err("create", &dir.path.join(&tmp))(e.into())),
         }
     };
+    let tmp_path = dir.path.join(&tmp);
     let result = file
         .set_permissions(Permissions::from_mode(FILE_MODE))
-        .map_err(io_err("chmod", &tmp))
-        .and_then(|()| file.write_all(&data.0).map_err(io_err("write", &tmp)))
-        .and_then(|()| file.sync_all().map_err(io_err("fsync", &tmp)))
-        .and_then(|()| fs::rename(&tmp, &target).map_err(io_err("rename", &target)));
+        .map_err(io_err("chmod", &tmp_path))
+        .and_then(|()| file.write_all(&data.0).map_err(io_err("write", &tmp_path)))
+        .and_then(|()| file.sync_all().map_err(io_err("fsync", &tmp_path)))
+        .and_then(|()| {
+            rustix::fs::renameat(&dir.fd, tmp.as_str(), &dir.fd, name)
+                .map_err(|e| io_err("rename", &target)(e.into()))
+        });
     drop(file);
     if let Err(e) = result {
-        if let Err(rm) = fs::remove_file(&tmp) {
-            tracing::warn!(path = %tmp.display(), error = %rm, "could not remove a temporary store file");
+        if let Err(rm) = rustix::fs::unlinkat(&dir.fd, tmp.as_str(), AtFlags::empty()) {
+            tracing::warn!(path = %tmp_path.display(), error = %rm, "could not remove a temporary store file");
         }
         return Err(e);
     }
     sync_dir(dir)
-}
-
-/// The names `keep` accepts among the entries of `dir`, sorted; empty when `dir` is absent.
-fn list_dir(
-    dir: &Path,
-    keep: impl Fn(&str, fs::FileType) -> Option<String>,
-) -> Result<Vec<String>, StoreError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err("list", dir))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        let file_type = match entry.file_type() {
-            Ok(file_type) => file_type,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err("stat", &entry.path())(e)),
-        };
-        names.extend(keep(&name, file_type));
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Accepts regular files named `<valid name>.json`, yielding the name.
-fn json_stem(kind: NameKind) -> impl Fn(&str, fs::FileType) -> Option<String> {
-    move |name, file_type| {
-        let stem = name.strip_suffix(EXT)?;
-        (file_type.is_file() && is_valid(kind, stem)).then(|| stem.to_owned())
-    }
 }
 
 #[cfg(test)]
@@ -675,7 +1205,11 @@ mod tests {
         FileBackend::open(&dir).unwrap();
         fs::write(t.path().join("f"), "").unwrap();
         let err = FileBackend::open(t.path().join("f")).unwrap_err();
-        assert!(matches!(err, StoreError::Io { .. }));
+        assert!(
+            matches!(err, StoreError::Untrusted { .. })
+                && err.to_string().contains("not a directory"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -904,7 +1438,7 @@ mod tests {
     fn writers_wait_for_the_store_lock() {
         let (_t, b) = store();
         // Each lock() opens .lock afresh: the same exclusion another process would see.
-        let held = b.lock().unwrap();
+        let held = b.lock(&b.root().unwrap()).unwrap();
         let (tx, rx) = mpsc::channel();
         let b = &b;
         std::thread::scope(|s| {

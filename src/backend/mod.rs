@@ -41,6 +41,16 @@ pub enum StoreError {
         /// What is wrong with it (never its content).
         reason: String,
     },
+    /// A store directory (the root or one below it) is not safe to use: a symlink, not a
+    /// directory, owned by another uid, writable by group or others, or below a directory
+    /// another non-root uid controls. Nothing was read or written through it.
+    #[error("store directory {path} refused: {reason}")]
+    Untrusted {
+        /// The directory concerned.
+        path: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
     /// A name failed validation inside the backend.
     #[error("invalid name refused by the store")]
     InvalidName,

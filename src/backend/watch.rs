@@ -9,7 +9,10 @@
 //! write can never be stored after that write's invalidation. Writes made through this
 //! backend invalidate synchronously as well, so this process never serves its own stale
 //! value. The watcher adds a watch for a new directory before it invalidates, so no change
-//! inside it can be missed. An inotify queue overflow also drops everything.
+//! inside it can be missed. An inotify queue overflow also drops everything. When the
+//! store directory itself is moved or removed, its watch is gone and a directory created
+//! later at the same path would be unwatched: the cache is then disabled for good (every
+//! read goes to disk), never left answering blind.
 //!
 //! The cache holds secrets (tokens as served, already without their refresh tokens, and
 //! API keys): they are wiped when dropped, and [`ReadCache::shutdown`] wipes and disables
@@ -298,11 +301,13 @@ impl Watcher {
             if events.is_empty() {
                 continue;
             }
+            let mut root_lost = false;
             for event in &events {
                 let gone = AddWatchFlags::IN_IGNORED
                     | AddWatchFlags::IN_MOVE_SELF
                     | AddWatchFlags::IN_DELETE_SELF;
                 if event.mask.intersects(gone) {
+                    root_lost |= self.watched.get(&event.wd) == Some(&self.root);
                     // The path may now name another directory: forget this watch so the
                     // rescan watches whatever is there now.
                     if self.watched.remove(&event.wd).is_some()
@@ -311,6 +316,21 @@ impl Watcher {
                         let _ = self.inotify.rm_watch(event.wd);
                     }
                 }
+            }
+            if root_lost {
+                // The store directory was moved or removed: its path may name a new
+                // directory at any moment, and nothing would tell us about changes in it
+                // (no watch on it, and its parent may not be ours to watch). The cache is
+                // an optimisation: give it up for the life of this backend, every read
+                // goes to disk from now on.
+                tracing::warn!(
+                    dir = %self.root.display(),
+                    "store directory moved or removed: read cache disabled"
+                );
+                let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                s.invalidate();
+                s.enabled = false;
+                return;
             }
             // Watch new directories first, then invalidate: nothing can slip in between.
             let rescanned = self.rescan();

@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use super::serve::{open_store, StoreArg};
 use super::Failure;
+use crate::backend::file::parse_secret_json;
 use crate::backend::{Backend, SaveMode, StoreError};
 use crate::names::{self, NameKind, DEFAULT_BUCKET};
 use crate::secret::{Secret, SecretBytes};
@@ -98,7 +99,8 @@ fn read_secret_input(prompt: bool, what: &str) -> Result<SecretBytes, Failure> {
     if stdin.is_terminal() {
         return Err(Failure::usage(format!("refusing to read the {what} from an interactive terminal (it would echo); pipe it in, or pass --prompt")));
     }
-    let mut buf = SecretBytes::default();
+    // Allocated once at the limit: growing by reallocation would leave unwiped copies.
+    let mut buf = SecretBytes(Vec::with_capacity(MAX_STDIN as usize + 1));
     stdin
         .lock()
         .take(MAX_STDIN + 1)
@@ -129,7 +131,11 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             check_name(NameKind::Provider, &provider)?;
             check_name(NameKind::Bucket, &bucket)?;
             let input = read_secret_input(prompt, "token JSON")?;
-            let token = Token::from_json(&input.0)
+            // Parsed as the store parses its files: no copy of the refresh token is left
+            // in freed memory (`Token::from_json` uses serde_json's unwiped scratch).
+            let value = parse_secret_json(&input.0)
+                .map_err(|e| Failure::usage(format!("invalid token: token is {e}")))?;
+            let token = Token::from_value(value)
                 .map_err(|e| Failure::usage(format!("invalid token: {e}")))?;
             let backend = open_store(&store)?;
             backend

@@ -3,6 +3,7 @@
 //! [`process`] drives the real binary as a child process.
 #![allow(dead_code)]
 
+pub mod as_user;
 pub mod hooked;
 pub mod process;
 pub mod token_endpoint;
