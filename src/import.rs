@@ -53,14 +53,9 @@ pub enum ImportError {
         /// The file.
         path: PathBuf,
     },
-    /// The file is not JSON.
-    #[error("not valid JSON (line {line}, column {column})")]
-    NotJson {
-        /// Line of the first error.
-        line: usize,
-        /// Column of the first error.
-        column: usize,
-    },
+    /// The file is not JSON (where, never what).
+    #[error(transparent)]
+    NotJson(#[from] crate::secret_json::ParseError),
     /// A field the format requires is absent or empty.
     #[error("the file has no {0}")]
     Missing(&'static str),
@@ -131,10 +126,8 @@ impl Source {
 
     /// Converts the text of a credential file of this source to a token.
     pub fn convert(self, text: &[u8]) -> Result<Token, ImportError> {
-        let mut value: Value = serde_json::from_slice(text).map_err(|e| ImportError::NotJson {
-            line: e.line(),
-            column: e.column(),
-        })?;
+        // Parsed without leaving copies of the tokens in freed memory.
+        let mut value = crate::secret_json::parse(text)?;
         let result = match self {
             Source::ClaudeCode => claude_code(&mut value),
             Source::Codex => codex(&mut value),
@@ -387,7 +380,7 @@ mod tests {
             (
                 Source::GeminiCli,
                 "{\"a\": SECRET",
-                "not valid JSON (line 1, column 7)",
+                "not valid JSON at line 1 column 7",
             ),
         ];
         for (source, text, want) in cases {

@@ -40,6 +40,7 @@ pub mod protocol;
 pub mod rate_limit;
 pub mod refresh;
 pub mod secret;
+pub mod secret_json;
 pub mod session;
 pub mod socket;
 pub mod store;

@@ -8,7 +8,6 @@ use clap::Subcommand;
 
 use super::serve::{open_store, StoreArg};
 use super::Failure;
-use crate::backend::file::parse_secret_json;
 use crate::backend::{Backend, SaveMode, StoreError};
 use crate::names::{self, NameKind, DEFAULT_BUCKET};
 use crate::secret::{Secret, SecretBytes};
@@ -133,7 +132,7 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             let input = read_secret_input(prompt, "token JSON")?;
             // Parsed as the store parses its files: no copy of the refresh token is left
             // in freed memory (`Token::from_json` uses serde_json's unwiped scratch).
-            let value = parse_secret_json(&input.0)
+            let value = crate::secret_json::parse(&input.0)
                 .map_err(|e| Failure::usage(format!("invalid token: token is {e}")))?;
             let token = Token::from_value(value)
                 .map_err(|e| Failure::usage(format!("invalid token: {e}")))?;

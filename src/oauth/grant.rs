@@ -160,7 +160,8 @@ impl Grant {
     /// `token_type` (default `Bearer`), an optional `refresh_token` (a rotated one), and any
     /// other field (`scope`, `id_token`, ...), kept as it is.
     pub fn parse(body: &[u8], now: u64) -> Result<Grant, ResponseError> {
-        let fields = match serde_json::from_slice::<Value>(body) {
+        // Parsed without leaving copies of the tokens in freed memory.
+        let fields = match crate::secret_json::parse(body) {
             Ok(Value::Object(map)) => map,
             Ok(mut other) => {
                 wipe_json(&mut other);
