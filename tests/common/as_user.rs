@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
-use super::process::{socket_path, DEADLINE, SOCKET_PREFIX};
+use super::process::{drain, socket_path, ChildGuard, DEADLINE, SOCKET_PREFIX};
 use super::unprivileged;
 
 /// What a `credproxy serve` run as another uid did.
@@ -83,6 +83,7 @@ pub fn serve(uid: u32, args: &[&str], vars: &[(&str, &str)]) -> Served {
 }
 
 /// Runs `credproxy ARGS` as `uid` with `stdin` to its end: exit code, stdout, stderr.
+/// A child still running after [`DEADLINE`] is killed and the test fails.
 pub fn run(uid: u32, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
     let mut child = command(uid, args, &[])
         .stdin(Stdio::piped())
@@ -93,11 +94,14 @@ pub fn run(uid: u32, args: &[&str], stdin: &[u8]) -> (Option<i32>, String, Strin
     let mut pipe = child.stdin.take().expect("stdin");
     let input = stdin.to_vec();
     let writer = thread::spawn(move || pipe.write_all(&input));
-    let out = child.wait_with_output().expect("wait");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let mut guard = ChildGuard::new(child, false);
+    let status = guard.wait_exit(&format!("credproxy {args:?} as uid {uid}"));
     let _ = writer.join();
     (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code(),
+        stdout.join().expect("stdout thread"),
+        stderr.join().expect("stderr thread"),
     )
 }
