@@ -25,6 +25,22 @@ pub enum StoreCommand {
     /// API keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Import the login another CLI made on this machine (claude-code, codex, gemini-cli)
+    Import {
+        /// Which CLI's login: claude-code (stored as anthropic), codex (codex), gemini-cli (gemini)
+        #[arg(value_parser = ["claude-code", "codex", "gemini-cli"])]
+        source: String,
+        /// Read this file instead of the CLI's own (~/.claude/.credentials.json,
+        /// ~/.codex/auth.json, ~/.gemini/oauth_creds.json)
+        #[arg(long, value_name = "FILE")]
+        from: Option<std::path::PathBuf>,
+        /// Bucket to store it in
+        #[arg(long, default_value = DEFAULT_BUCKET)]
+        bucket: String,
+        /// Which store
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 /// `credproxy store token ...`
@@ -117,6 +133,35 @@ fn check_name(kind: NameKind, name: &str) -> Result<(), Failure> {
     names::check(kind, name).map_err(Failure::usage)
 }
 
+/// Writes `text` to stdout and flushes; a failed write (a full device, a closed pipe) is
+/// an error, never a silent success.
+fn emit(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::new(format!("cannot write the output: {e}")))
+}
+
+/// `expiry` (epoch seconds) relative to `now`, for a person: "expires in 42 min",
+/// "expired 3 h ago", "expiry unknown (treated as expired)" for 0.
+pub fn relative_expiry(expiry: u64, now: u64) -> String {
+    fn span(seconds: u64) -> String {
+        match seconds {
+            0..=59 => format!("{seconds} s"),
+            60..=5_399 => format!("{} min", (seconds + 30) / 60),
+            5_400..=172_799 => format!("{} h", (seconds + 1_800) / 3_600),
+            _ => format!("{} days", (seconds + 43_200) / 86_400),
+        }
+    }
+    if expiry == 0 {
+        "expiry unknown (treated as expired)".to_owned()
+    } else if expiry > now {
+        format!("expires in {}", span(expiry - now))
+    } else {
+        format!("expired {} ago", span(now - expiry))
+    }
+}
+
 /// Runs a `credproxy store` command.
 pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
     let store_failed = |e: StoreError| Failure::new(format!("the store failed: {e}"));
@@ -166,12 +211,13 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
         }
         StoreCommand::Token(TokenCommand::List { store }) => {
             let backend = open_store(&store)?;
-            let mut out = std::io::stdout().lock();
+            let mut text = String::new();
             for provider in backend.list_providers().map_err(store_failed)? {
                 for bucket in backend.list_buckets(&provider).map_err(store_failed)? {
-                    let _ = writeln!(out, "{provider}:{bucket}");
+                    text.push_str(&format!("{provider}:{bucket}\n"));
                 }
             }
+            emit(&text)?;
         }
         StoreCommand::Key(KeyCommand::Set {
             name,
@@ -212,11 +258,80 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             eprintln!("removed the API key {name}");
         }
         StoreCommand::Key(KeyCommand::List { store }) => {
-            let mut out = std::io::stdout().lock();
+            let mut text = String::new();
             for name in open_store(&store)?.list_keys().map_err(store_failed)? {
-                let _ = writeln!(out, "{name}");
+                text.push_str(&name);
+                text.push('\n');
             }
+            emit(&text)?;
         }
+        StoreCommand::Import {
+            source,
+            from,
+            bucket,
+            store,
+        } => import(&source, from, &bucket, &store)?,
+    }
+    Ok(())
+}
+
+/// `credproxy store import SOURCE`: reads another CLI's login (never changing its file),
+/// stores it whole (refresh token included) under the source's provider, and says what it
+/// stored without a secret.
+fn import(
+    source: &str,
+    from: Option<std::path::PathBuf>,
+    bucket: &str,
+    store: &StoreArg,
+) -> Result<(), Failure> {
+    use crate::import::Source;
+    let source =
+        Source::parse(source).ok_or_else(|| Failure::usage(format!("unknown source {source}")))?;
+    check_name(NameKind::Bucket, bucket)?;
+    let path = match from {
+        Some(path) => path,
+        None => {
+            let home = std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| Failure::usage("HOME is not set: name the file with --from"))?;
+            source.default_path(std::path::Path::new(&home))
+        }
+    };
+    let token = source.read(&path).map_err(|e| {
+        Failure::new(format!(
+            "cannot import the {} login from {}: {e}; nothing was stored",
+            source.name(),
+            path.display()
+        ))
+    })?;
+    let provider = source.provider();
+    let backend = open_store(store)?;
+    backend
+        .save_token(provider, bucket, &token, SaveMode::Replace)
+        .map_err(|e| Failure::new(format!("the store failed: {e}")))?;
+    let now = crate::oauth::epoch_seconds(std::time::SystemTime::now());
+    let expiry = token
+        .fields()
+        .get("expiry")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let refreshable = if token.has_refresh_token() {
+        "refreshable"
+    } else {
+        "not refreshable: no refresh token in the file"
+    };
+    eprintln!(
+        "imported the {} login as {provider}:{bucket} ({}, {refreshable})",
+        source.name(),
+        relative_expiry(expiry, now)
+    );
+    if token.has_refresh_token() {
+        eprintln!(
+            "note: {provider} rotates refresh tokens (a used one stops working). From now on let \
+             only one tool refresh this login, credproxy or {}, or the other one will be \
+             logged out at its next refresh.",
+            source.name()
+        );
     }
     Ok(())
 }
