@@ -18,7 +18,7 @@
 //!
 //! They talk only through typed messages, each defined next to the actor that handles it.
 //! The inside-the-sandbox side is [`client::Client`].
-// One audited exception, `memory::release_free_memory` (glibc's malloc_trim).
+// One audited module, `memory` (malloc_trim; the pages of `memory::LockedBytes`).
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
