@@ -18,7 +18,8 @@
 //!
 //! They talk only through typed messages, each defined next to the actor that handles it.
 //! The inside-the-sandbox side is [`client::Client`].
-// One audited module, `memory` (malloc_trim; the pages of `memory::LockedBytes`).
+// Audited exceptions: `memory` (malloc_trim; the pages of `memory::LockedBytes`) and
+// `harden` (a pre_exec hook; PT_DENY_ATTACH on macOS). tests/unsafe_code.rs pins them.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod harden;
 pub mod memory;
 pub mod names;
 pub mod outbox;

@@ -3,7 +3,9 @@
 //! [`process`] drives the real binary as a child process.
 #![allow(dead_code)]
 
+pub mod as_user;
 pub mod hooked;
+pub mod probe;
 pub mod process;
 pub mod unprivileged;
 
