@@ -101,7 +101,7 @@ fn a_plain_process_under_the_same_ulimit_dumps_core() {
 fn serve_leaves_no_core(signal: Signal) {
     let home = UserHome::new(&[ACCESS, REFRESH]);
     home.seed_token("anthropic", ACCESS, REFRESH);
-    let mut server = home.serve(&["--allow", "anthropic"], true);
+    let mut server = home.serve(&["--allow", "anthropic"], Some("-c unlimited"));
     assert!(server.fetch_token("anthropic").contains(ACCESS));
 
     let limits =

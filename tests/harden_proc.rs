@@ -10,6 +10,7 @@
 mod common;
 
 use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 
 use common::as_user::{run_as, UserHome};
@@ -140,7 +141,7 @@ fn a_sibling_of_serve_cannot_read_it() {
     }
     let home = UserHome::new(&[ACCESS, REFRESH]);
     home.seed_token("anthropic", ACCESS, REFRESH);
-    let mut server = home.serve(&["--allow", "anthropic"], false);
+    let mut server = home.serve(&["--allow", "anthropic"], None);
     let served = server.fetch_token("anthropic");
     assert!(served.contains(ACCESS), "served: {served}");
     let pid = server.child.pid().to_string();
@@ -155,4 +156,62 @@ fn a_sibling_of_serve_cannot_read_it() {
     );
     assert_sealed("sibling of serve", &Report::parse(&run.stdout));
     assert!(server.child.running(), "the server survived the probe");
+}
+
+#[test]
+fn the_store_command_is_sealed_while_it_reads_the_secret() {
+    if !unprivileged::root() {
+        return unprivileged::skip("the_store_command_is_sealed_while_it_reads_the_secret");
+    }
+    let home = UserHome::new(&[ACCESS, REFRESH]);
+    let mut cmd = unprivileged::command(unprivileged::binary(), USER);
+    cmd.args(["store", "token", "set", "anthropic", "--store"])
+        .arg(&home.store)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn store");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stderr = common::process::drain(child.stderr.take().expect("stderr"));
+    let mut child = common::process::ChildGuard::new(child, false);
+    // The whole token, stdin left open: the command holds the secret and waits for EOF.
+    std::io::Write::write_all(
+        &mut stdin,
+        common::process::token_json(ACCESS, REFRESH).as_bytes(),
+    )
+    .expect("write the token");
+    let pid = child.pid().to_string();
+    // Probed once it is credproxy and has hardened itself (its /proc files turn root's),
+    // not while it is still starting.
+    let t0 = std::time::Instant::now();
+    loop {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let owner = std::fs::metadata(format!("/proc/{pid}/mem")).map(|m| m.uid());
+        if comm == "credproxy\n" && owner.as_ref().is_ok_and(|&uid| uid == 0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < common::process::DEADLINE,
+            "store token set never hardened itself ({comm:?}, mem owned by {owner:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let run = run_as(
+        probe::helper_binary(),
+        &probe::helper_args("probe_helper"),
+        b"",
+        &[
+            (probe::TARGET_VAR, OsStr::new(&pid)),
+            (probe::CANARIES_VAR, home.canaries.as_os_str()),
+        ],
+    );
+    assert_sealed("store token set", &Report::parse(&run.stdout));
+    drop(stdin);
+    let status = child.wait_exit("store token set");
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        stderr.join().unwrap_or_default()
+    );
 }

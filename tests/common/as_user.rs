@@ -71,8 +71,8 @@ impl UserHome {
     }
 
     /// Starts `credproxy serve --store S --socket-dir SOCK EXTRA...` as [`USER`], in this
-    /// directory, under `ulimit -c unlimited` when `core_unlimited`.
-    pub fn serve(&self, extra: &[&str], core_unlimited: bool) -> UserServer {
+    /// directory, after `ulimit ULIMIT` when given (e.g. `-c unlimited`).
+    pub fn serve(&self, extra: &[&str], ulimit: Option<&str>) -> UserServer {
         let mut args = vec![
             "serve",
             "--store",
@@ -82,10 +82,10 @@ impl UserHome {
         ];
         args.extend_from_slice(extra);
         let bin = unprivileged::binary();
-        let mut cmd = if core_unlimited {
+        let mut cmd = if let Some(ulimit) = ulimit {
             let mut cmd = unprivileged::command("sh", USER);
             cmd.arg("-c")
-                .arg("ulimit -c unlimited && exec \"$0\" \"$@\"")
+                .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
                 .arg(bin)
                 .args(&args);
             cmd
