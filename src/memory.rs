@@ -81,6 +81,7 @@ fn warn_once(flag: &AtomicBool, message: &str, error: Option<nix::Error>) {
 
 static WARNED_BUDGET: AtomicBool = AtomicBool::new(false);
 static WARNED_MLOCK: AtomicBool = AtomicBool::new(false);
+#[cfg(any(target_os = "linux", target_os = "android"))]
 static WARNED_MADVISE: AtomicBool = AtomicBool::new(false);
 static WARNED_MMAP: AtomicBool = AtomicBool::new(false);
 
