@@ -80,8 +80,10 @@ pub struct Config {
     /// its memory through `/proc`, and it writes no core file (macOS: `PT_DENY_ATTACH`
     /// and no core file). On by default because the store's secrets are in this process's
     /// memory; it acts on the whole host process (its own debugging and crash dumps
-    /// too), so an embedder that needs those may turn it off. `credproxy serve`, `exec`
-    /// and `store` always harden.
+    /// too), so an embedder that needs those may turn it off. Children the host starts
+    /// afterwards inherit the core limit 0 unless started through
+    /// [`crate::harden::restore_core_limit`]; they are dumpable again after `execve`.
+    /// `credproxy serve`, `exec` and `store` always harden.
     pub harden_process: bool,
 }
 
