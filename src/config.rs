@@ -75,6 +75,16 @@ pub struct Config {
     /// [`crate::memory`]) shortly after the last connection closes. It acts on the whole
     /// process, so it is off by default; `credproxy serve` and `exec` turn it on.
     pub release_memory_when_idle: bool,
+    /// Harden the process at [`Supervisor::start`](crate::Supervisor::start) (see
+    /// [`crate::harden`]): on Linux no other process of this uid may `ptrace` it or read
+    /// its memory through `/proc`, and it writes no core file (macOS: `PT_DENY_ATTACH`
+    /// and no core file). On by default because the store's secrets are in this process's
+    /// memory; it acts on the whole host process (its own debugging and crash dumps
+    /// too), so an embedder that needs those may turn it off. Children the host starts
+    /// afterwards inherit the core limit 0 unless started through
+    /// [`crate::harden::restore_core_limit`]; they are dumpable again after `execve`.
+    /// `credproxy serve`, `exec` and `store` always harden.
+    pub harden_process: bool,
 }
 
 impl Config {
@@ -88,6 +98,7 @@ impl Config {
             extra_uids: Vec::new(),
             limits: Limits::default(),
             release_memory_when_idle: false,
+            harden_process: true,
         }
     }
 }

@@ -18,7 +18,15 @@
 //!
 //! They talk only through typed messages, each defined next to the actor that handles it.
 //! The inside-the-sandbox side is [`client::Client`].
-// One audited exception, `memory::release_free_memory` (glibc's malloc_trim).
+//!
+//! Every process that holds secrets hardens itself first, as ssh-agent does ([`harden`]:
+//! not dumpable, so no process of the same uid can `ptrace` it or read its memory through
+//! `/proc`, and no core files), and keeps long-lived secrets on pages of their own that
+//! are left out of core dumps and locked against swap ([`memory::LockedBytes`]).
+//! [`Supervisor::start`] does so for a host program unless
+//! [`Config::harden_process`] is turned off.
+// Audited exceptions: `memory` (malloc_trim; the pages of `memory::LockedBytes`) and
+// `harden` (a pre_exec hook; PT_DENY_ATTACH on macOS). tests/unsafe_code.rs pins them.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -29,6 +37,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod harden;
 pub mod import;
 pub mod memory;
 pub mod names;

@@ -3,44 +3,66 @@
 //! Every access token, refresh token and API key that credproxy holds lives in one of
 //! these types. Their `Debug` and `Display` print a placeholder, so a derived `Debug` on
 //! any struct that carries them can never leak a value into a log line, and their memory
-//! is overwritten when they are dropped or cleared.
+//! is overwritten when they are dropped or cleared. A [`Secret`] lives on pages of its own
+//! ([`LockedBytes`]: excluded from core dumps, locked against swap where the limit allows).
 
 use std::fmt;
+use std::sync::Arc;
 
 use zeroize::Zeroize;
+
+use crate::memory::LockedBytes;
 
 /// The text every redacting type prints instead of its value.
 pub const REDACTED: &str = "[redacted]";
 
-/// A secret string (an API key, or a token's text) that is wiped on drop.
+/// A secret string (an API key, or a token's text), kept in [`LockedBytes`] and wiped
+/// when the last clone is dropped (clones share the bytes).
 ///
 /// Read it with [`Secret::expose`] at the one place that must write it out (the reply
 /// frame or the store file).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+#[derive(Clone, Default)]
+pub struct Secret(Option<Arc<LockedBytes>>);
 
 impl Secret {
-    /// Takes ownership of `value`; the caller's copy moves in, so no other copy remains.
-    pub fn new(value: String) -> Self {
-        Secret(value)
+    /// Takes `value` into locked pages and wipes the caller's heap copy, so no other copy
+    /// remains.
+    pub fn new(mut value: String) -> Self {
+        let secret = Secret::from_bytes(value.as_bytes());
+        value.zeroize();
+        secret
+    }
+
+    /// A locked copy of `value`.
+    fn from_bytes(value: &[u8]) -> Self {
+        if value.is_empty() {
+            return Secret(None);
+        }
+        Secret(Some(Arc::new(LockedBytes::from_slice(value))))
     }
 
     /// The secret value. Callers must not log or format it.
     pub fn expose(&self) -> &str {
-        &self.0
+        match &self.0 {
+            // Only ever built from a str, so always UTF-8.
+            Some(bytes) => std::str::from_utf8(bytes.as_slice()).unwrap_or_default(),
+            None => "",
+        }
     }
 
     /// True when the value is the empty string.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
 }
 
-impl Drop for Secret {
-    fn drop(&mut self) {
-        self.0.zeroize();
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
     }
 }
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -56,13 +78,13 @@ impl fmt::Display for Secret {
 
 impl From<String> for Secret {
     fn from(value: String) -> Self {
-        Secret(value)
+        Secret::new(value)
     }
 }
 
 impl From<&str> for Secret {
     fn from(value: &str) -> Self {
-        Secret(value.to_owned())
+        Secret::from_bytes(value.as_bytes())
     }
 }
 

@@ -108,6 +108,9 @@ impl Supervisor {
     /// This inherent function is unrelated to `actix::Supervisor` and to
     /// `Actor::start(self)`; path syntax (`Supervisor::start(config)`) resolves to it.
     pub fn start(config: Config) -> Result<ServerHandle> {
+        if config.harden_process {
+            crate::harden::process();
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("credproxy".into())

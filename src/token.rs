@@ -12,7 +12,8 @@ use std::sync::Arc;
 use serde::ser::SerializeMap;
 use serde_json::{Map, Value};
 
-use crate::secret::{wipe_json, SecretBytes};
+use crate::memory::LockedBytes;
+use crate::secret::wipe_json;
 
 /// The field that must never cross the socket.
 pub const REFRESH_TOKEN: &str = "refresh_token";
@@ -144,12 +145,13 @@ impl Token {
     /// The form a `get_token` reply carries: every field but `refresh_token`, serialized
     /// once into a shared buffer (see [`ServedToken`]).
     pub fn served(&self) -> ServedToken {
-        let sanitized = WithoutRefresh(&self.fields);
-        // Sized first, so the buffer is never reallocated: a reallocation would leave an
-        // unwiped copy of the secrets behind. A Map of Values always serializes.
-        let mut out = Vec::with_capacity(json_len(&sanitized));
-        let _ = serde_json::to_writer(&mut out, &sanitized);
-        ServedToken(Arc::new(SecretBytes(out)))
+        ServedToken(Arc::new(locked_json(&WithoutRefresh(&self.fields))))
+    }
+
+    /// The whole token (with `refresh_token`) as JSON text in [`LockedBytes`], written in
+    /// place with no intermediate copy: how the memory backend keeps it.
+    pub fn locked_json(&self) -> LockedBytes {
+        locked_json(&self.fields)
     }
 
     /// Merges an incoming token into this stored one (PROTOCOL.md §6): every field present
@@ -211,6 +213,15 @@ pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     }
 }
 
+/// `value` serialized as JSON straight into locked pages. Sized first, so the bytes are
+/// written once and never reallocated (a reallocation would leave an unwiped copy behind).
+fn locked_json<T: serde::Serialize + ?Sized>(value: &T) -> LockedBytes {
+    let mut out = LockedBytes::zeroed(json_len(value));
+    // A map of Values always serializes, and into exactly json_len bytes.
+    let _ = serde_json::to_writer(out.as_mut_slice(), value);
+    out
+}
+
 /// A writer that only counts bytes.
 struct ByteCount(usize);
 
@@ -228,14 +239,15 @@ impl io::Write for ByteCount {
 /// A token as it crosses the socket: sanitized (no `refresh_token`) and serialized as a
 /// JSON object once, when it is read from the store. Clones share the bytes, so a cached
 /// token is served without copying or re-serializing it; the bytes are wiped when the last
-/// clone is dropped. `Debug` shows the length only.
+/// clone is dropped. The bytes live in [`LockedBytes`] (excluded from core dumps, locked
+/// against swap where the limit allows). `Debug` shows the length only.
 #[derive(Clone)]
-pub struct ServedToken(Arc<SecretBytes>);
+pub struct ServedToken(Arc<LockedBytes>);
 
 impl ServedToken {
     /// The JSON object text. Callers must not log it.
     pub fn json(&self) -> &[u8] {
-        &self.0 .0
+        self.0.as_slice()
     }
 
     /// Parses the text back into a [`Token`] (tests and tools; not on the request path).
@@ -320,7 +332,7 @@ mod tests {
         assert_eq!(s.fields()["x"], "y");
         let served = t.served();
         assert_eq!(served.to_token().unwrap(), s);
-        assert_eq!(served.json().len(), served.0 .0.capacity(), "sized exactly");
+        assert_eq!(served.json().last(), Some(&b'}'), "sized exactly");
         assert!(!String::from_utf8_lossy(served.json()).contains("\"R\""));
         assert_eq!(
             format!("{served:?}"),

@@ -165,3 +165,26 @@ fn keep_env_without_clear_env_or_with_a_bad_name_is_a_usage_error() {
         assert_eq!(f.sockets(), Vec::<std::path::PathBuf>::new());
     }
 }
+
+/// exec drops its own core-file limit to 0 (its memory holds secrets) but gives CMD the
+/// user's limit back: CMD behaves as if started without credproxy.
+#[test]
+fn cmd_gets_the_users_core_limit_back() {
+    let f = Fixture::new();
+    let script = format!(
+        "ulimit -c unlimited; exec {BIN} exec --store {} --socket-dir {} -- \
+         sh -c 'ulimit -c; grep \"core file size\" /proc/$PPID/limits'",
+        f.store_str(),
+        f.sock_str()
+    );
+    let run = process::run("sh", &["-c", &script], Stdin::Null, Env::ISOLATED);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    let mut lines = run.stdout.lines();
+    assert_eq!(lines.next(), Some("unlimited"), "{run:?}");
+    // exec itself (CMD's parent) runs with a soft limit of 0.
+    let exec_limit = lines.next().unwrap_or_default();
+    assert!(
+        exec_limit.split_whitespace().nth(4) == Some("0"),
+        "exec's own core limit: {exec_limit:?}"
+    );
+}

@@ -1,18 +1,35 @@
 //! The in-memory backend: for tests and for host programs that embed credproxy and hand
 //! it credentials they already hold. Everything is wiped by [`Backend::clear`] and on drop.
+//!
+//! Tokens are kept as JSON text in [`LockedBytes`] and keys as [`Secret`]s, so everything
+//! this store holds for its whole life sits on pages excluded from core dumps and locked
+//! against swap (see [`crate::memory`]); a [`Token`] is parsed back only for the rare
+//! `get_token` (merge, tools), never to serve one.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{check_name as check, Backend, SaveMode, StoreError};
+use crate::memory::LockedBytes;
 use crate::names::NameKind;
 use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
-/// A stored token and its served form, made once when it is stored.
+/// A stored token (JSON text, with its refresh token) and its served form, both made once
+/// when it is stored.
 struct Stored {
-    token: Token,
+    token: LockedBytes,
     served: ServedToken,
+}
+
+impl Stored {
+    fn token(&self) -> Result<Token, StoreError> {
+        // Written by Token::locked_json from a valid Token, so it always parses back.
+        Token::from_json(self.token.as_slice()).map_err(|e| StoreError::Corrupt {
+            path: "memory".into(),
+            reason: e.to_string(),
+        })
+    }
 }
 
 #[derive(Default)]
@@ -74,10 +91,11 @@ impl Backend for MemoryBackend {
 
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         let c = self.lock()?;
-        Ok(c.tokens
+        c.tokens
             .get(provider)
             .and_then(|b| b.get(bucket))
-            .map(|s| s.token.clone()))
+            .map(Stored::token)
+            .transpose()
     }
 
     fn get_served_token(
@@ -110,11 +128,14 @@ impl Backend for MemoryBackend {
         let mut c = self.lock()?;
         let buckets = c.tokens.entry(provider.to_owned()).or_default();
         let token = match (mode, buckets.get(bucket)) {
-            (SaveMode::Merge, Some(stored)) => stored.token.merge(incoming),
+            (SaveMode::Merge, Some(stored)) => stored.token()?.merge(incoming),
             _ => incoming.clone(),
         };
-        let served = token.served();
-        buckets.insert(bucket.to_owned(), Stored { token, served });
+        let stored = Stored {
+            token: token.locked_json(),
+            served: token.served(),
+        };
+        buckets.insert(bucket.to_owned(), stored);
         Ok(())
     }
 

@@ -237,6 +237,9 @@ fn command(
         }
     }
     cmd.arg0(program).args(rest).env(SOCKET_ENV, socket);
+    // CMD is the user's program: the core-file limit exec dropped for itself
+    // (crate::harden) is given back, as if CMD had been started without credproxy.
+    crate::harden::restore_core_limit(&mut cmd);
     cmd
 }
 

@@ -107,15 +107,19 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // The host commands hold secrets: hardened before they read any (crate::harden), once
+    // logging can carry a warning. The inside commands hold only what the sandbox gets.
     let result = match cli.command {
         Command::Serve(args) => serve::init_logging(args.log_format)
-            .and_then(|()| serve::serve(args))
+            .map(|()| crate::harden::process())
+            .and_then(|_| serve::serve(args))
             .map(|()| 0),
-        Command::Exec(args) => {
-            serve::init_logging(args.serve.log_format).and_then(|()| exec::exec(args))
-        }
+        Command::Exec(args) => serve::init_logging(args.serve.log_format)
+            .map(|()| crate::harden::process())
+            .and_then(|_| exec::exec(args)),
         Command::Store(cmd) => serve::init_logging(LogFormat::Text)
-            .and_then(|()| store::run(cmd))
+            .map(|()| crate::harden::process())
+            .and_then(|_| store::run(cmd))
             .map(|()| 0),
         Command::Token(args) => inside::run_token(args),
         Command::Key(args) => inside::run_key(args),

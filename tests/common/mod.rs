@@ -5,9 +5,11 @@
 
 pub mod as_user;
 pub mod hooked;
+pub mod probe;
 pub mod process;
 pub mod token_endpoint;
 pub mod unprivileged;
+pub mod user_home;
 
 use hooked::{Hooked, SlowGet};
 
