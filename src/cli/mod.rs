@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy: print LLXPRT_CREDENTIAL_SOCKET=<path> once listening, serve until
-    /// SIGINT or SIGTERM, then clean up and exit 0.
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT, then clean up and exit 0.
     Serve(ServeArgs),
     /// Run the proxy around CMD: CMD gets LLXPRT_CREDENTIAL_SOCKET in its environment; when
     /// it exits the proxy is shut down and its exit status is returned.
