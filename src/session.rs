@@ -26,7 +26,9 @@ use crate::config::Limits;
 use crate::envelope::Frame;
 use crate::outbox::Outbox;
 use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
-use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
+use crate::protocol::{
+    self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request, MAX_SERVED_TOKEN_LEN,
+};
 use crate::rate_limit::RateLimiter;
 use crate::store::{self, CredentialStore};
 
@@ -675,7 +677,14 @@ async fn run(
                 token,
             };
             match store.send(save).await {
-                Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::Written)) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::TooLarge)) => Err(Rejection::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "token too large: merged with the stored token it would exceed \
+                         {MAX_SERVED_TOKEN_LEN} bytes and could not be served"
+                    ),
+                )),
                 _ => Err(internal()),
             }
         }
