@@ -37,7 +37,18 @@ pub struct Limits {
     pub accept_backoff_min: Duration,
     /// Longest pause between accept attempts while accept keeps failing.
     pub accept_backoff_max: Duration,
+    /// A connection past the handshake that sends nothing (not one byte) for this long,
+    /// with no request in flight, is closed, so idle connections cannot hold descriptors
+    /// forever. A reply the peer does not read does not count as activity. The check
+    /// ticks at a quarter of the timeout, so the close comes within 1.25 times it.
+    /// [`Duration::ZERO`] turns it off. Default 15 minutes: three times the llxprt
+    /// client's own 5-minute idle close, so a well-behaved client always closes first
+    /// and never sees "connection lost" (PROTOCOL.md §11, §12).
+    pub idle_timeout: Duration,
 }
+
+/// Default [`Limits::idle_timeout`]: 15 minutes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -52,6 +63,7 @@ impl Default for Limits {
             close_linger: Duration::from_secs(1),
             accept_backoff_min: Duration::from_millis(100),
             accept_backoff_max: Duration::from_secs(1),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
