@@ -29,6 +29,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Largest `--idle-timeout`: one week (anything longer is "never" in practice; use 0).
+const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 /// The options of `serve`, shared by `exec`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -60,6 +63,10 @@ pub struct ServeArgs {
     /// Also accept connections from this uid (besides yours and root), e.g. a container's
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// Close a connection that has sent nothing for SECS seconds (after its handshake,
+    /// with no request in flight); 0 never closes [default: 900]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=MAX_IDLE_TIMEOUT_SECS))]
+    pub idle_timeout: Option<u64>,
     /// Log format on stderr (level from RUST_LOG, default info)
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -125,6 +132,9 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     config.release_memory_when_idle = true;
     if let Some(rate) = args.rate_limit.or(file_rate) {
         config.limits.rate_limit = rate;
+    }
+    if let Some(secs) = args.idle_timeout {
+        config.limits.idle_timeout = std::time::Duration::from_secs(secs);
     }
     Ok(config)
 }
