@@ -37,6 +37,75 @@ pub struct Limits {
     pub accept_backoff_min: Duration,
     /// Longest pause between accept attempts while accept keeps failing.
     pub accept_backoff_max: Duration,
+    /// A connection past the handshake that sends nothing (not one byte) for this long,
+    /// with no request in flight, is closed, so idle connections cannot hold descriptors
+    /// forever. A reply the peer does not read does not count as activity. The check
+    /// ticks at a quarter of the timeout, so the close comes within 1.25 times it.
+    /// [`Duration::ZERO`] turns it off. Default 15 minutes: three times the llxprt
+    /// client's own 5-minute idle close, so a well-behaved client always closes first
+    /// and never sees "connection lost" (PROTOCOL.md §11, §12).
+    pub idle_timeout: Duration,
+    /// Open connections at most, all peers together; one past it is accepted, sent a
+    /// `RESOURCE_EXHAUSTED` handshake error and closed at once (never left hanging in the
+    /// backlog). 0: derived from `RLIMIT_NOFILE` at start, the soft limit minus
+    /// [`NOFILE_RESERVE`] descriptors kept for the store, the runtime and the host
+    /// program, and at most [`MAX_CONNECTIONS_CEILING`]. A value given here is still
+    /// lowered to that descriptor budget.
+    pub max_connections: usize,
+    /// Open connections at most from one peer process (`SO_PEERCRED` pid), so one runaway
+    /// process cannot take every slot. 0 (the default): half the connection cap in force,
+    /// so another process can always still connect while a load test or a client pool in
+    /// one process may use many. A value at or above the cap turns it off. A peer whose
+    /// pid the kernel does not report (0) counts under the global cap only; peers in
+    /// another pid namespace are seen with their pids in ours, so each still counts alone.
+    pub max_connections_per_pid: usize,
+    /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start, before the connection
+    /// cap is derived. It changes the whole process, so it is off by default for a host
+    /// program embedding the server; `credproxy serve` and `exec` turn it on.
+    pub raise_nofile_limit: bool,
+}
+
+/// Descriptors kept out of the connection budget: stdio, the listener, the runtime's
+/// epoll and wakers, the store's files and lock files opened per operation by up to
+/// 256 blocking workers, inotify, and the host program's own files when embedded.
+pub const NOFILE_RESERVE: u64 = 384;
+
+/// The largest derived connection cap, however high `RLIMIT_NOFILE` is: a sandbox needs
+/// a handful of connections, and each costs memory.
+pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+
+/// Default [`Limits::idle_timeout`]: 15 minutes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+impl Limits {
+    /// The connection cap in force: [`Limits::max_connections`] (or the ceiling when 0),
+    /// lowered to the soft `RLIMIT_NOFILE` minus [`NOFILE_RESERVE`], and at least 1.
+    pub fn connection_cap(&self) -> usize {
+        let budget =
+            match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+                Ok((soft, _)) => {
+                    usize::try_from(soft.saturating_sub(NOFILE_RESERVE)).unwrap_or(usize::MAX)
+                }
+                Err(_) => MAX_CONNECTIONS_CEILING,
+            };
+        let wanted = if self.max_connections == 0 {
+            MAX_CONNECTIONS_CEILING
+        } else {
+            self.max_connections
+        };
+        wanted.min(budget).max(1)
+    }
+}
+
+impl Limits {
+    /// The per-process cap in force for a connection cap of `cap`.
+    pub fn per_pid_cap(&self, cap: usize) -> usize {
+        if self.max_connections_per_pid == 0 {
+            (cap / 2).max(1)
+        } else {
+            self.max_connections_per_pid
+        }
+    }
 }
 
 impl Default for Limits {
@@ -52,6 +121,10 @@ impl Default for Limits {
             close_linger: Duration::from_secs(1),
             accept_backoff_min: Duration::from_millis(100),
             accept_backoff_max: Duration::from_secs(1),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: 0,
+            max_connections_per_pid: 0,
+            raise_nofile_limit: false,
         }
     }
 }

@@ -479,10 +479,23 @@ struct ErrReply<'a> {
     retry_after: Option<u64>,
 }
 
+/// Start of a success reply, up to the id.
+const OK_HEAD: &[u8] = br#"{"v":1,"id":"#;
+/// Between the id and the data of a success reply.
+const OK_DATA: &[u8] = br#","ok":true,"data":"#;
+
+/// The largest served token (its JSON without refresh token, as `get_token` carries it)
+/// whose reply still fits in one frame for any request id the protocol accepts: the
+/// frame limit minus the envelope around the data, with an id of [`MAX_ID_LEN`] bytes
+/// that each escape to six (`\u0001`). A `save_token` whose merged result would be larger
+/// is refused, so that every stored token can be served (issue 13 item 6).
+pub const MAX_SERVED_TOKEN_LEN: usize =
+    crate::codec::MAX_FRAME_LEN - (OK_HEAD.len() + 2 + 6 * MAX_ID_LEN + OK_DATA.len() + 1);
+
 /// Serializes a success reply body: `{"v":1,"id":…,"ok":true,"data":…}`.
 pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
-    const HEAD: &[u8] = br#"{"v":1,"id":"#;
-    const OK: &[u8] = br#","ok":true,"data":"#;
+    const HEAD: &[u8] = OK_HEAD;
+    const OK: &[u8] = OK_DATA;
     // Sized up front so that the buffer (which may hold a secret: a token, an API key)
     // is never reallocated, leaving unwiped copies behind. An id escapes to at most six
     // bytes a byte; other data is measured by a first, counting serialization.
@@ -540,6 +553,27 @@ pub fn handshake_ok(version: i64) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn largest_servable_token_fills_a_frame_with_the_costliest_id() {
+        let token = |pad: usize| {
+            crate::token::Token::from_value(
+                json!({"access_token":"a","expiry":1,"token_type":"B","pad":"x".repeat(pad)}),
+            )
+            .expect("valid token")
+            .served()
+        };
+        let base = token(0).json().len();
+        let largest = token(MAX_SERVED_TOKEN_LEN - base);
+        assert_eq!(largest.json().len(), MAX_SERVED_TOKEN_LEN);
+        let worst_id = "\u{1}".repeat(MAX_ID_LEN);
+        let reply = ok_reply(&worst_id, &ReplyData::Token(largest));
+        assert_eq!(
+            reply.len(),
+            crate::codec::MAX_FRAME_LEN,
+            "exactly one frame"
+        );
+    }
 
     /// Runs `f` on the frame of `v` serialized.
     fn with_frame<R>(v: Value, f: impl FnOnce(Frame<'_>) -> R) -> R {

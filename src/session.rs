@@ -26,7 +26,9 @@ use crate::config::Limits;
 use crate::envelope::Frame;
 use crate::outbox::Outbox;
 use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
-use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
+use crate::protocol::{
+    self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request, MAX_SERVED_TOKEN_LEN,
+};
 use crate::rate_limit::RateLimiter;
 use crate::store::{self, CredentialStore};
 
@@ -82,6 +84,11 @@ pub struct Session {
     phase: Phase,
     handshake_timer: Option<SpawnHandle>,
     partial_timer: Option<SpawnHandle>,
+    /// Ticks at a quarter of [`Limits::idle_timeout`] once the handshake is done.
+    idle_timer: Option<SpawnHandle>,
+    /// Idle-timer ticks since the last byte received with nothing in flight; reset by
+    /// every frame start and frame (one store, nothing per request beyond it).
+    quiet_ticks: u8,
     limiter: RateLimiter,
     /// Ids of the requests in flight, for the in-flight bound and duplicate ids.
     in_flight: HashSet<String>,
@@ -148,6 +155,8 @@ impl Session {
             phase: Phase::Handshake,
             handshake_timer: None,
             partial_timer: None,
+            idle_timer: None,
+            quiet_ticks: 0,
             limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
             in_flight: HashSet::new(),
             allowed: Vec::new(),
@@ -224,6 +233,7 @@ impl Session {
             self.reader.take(),
             self.handshake_timer.take(),
             self.partial_timer.take(),
+            self.idle_timer.take(),
         ]
         .into_iter()
         .flatten()
@@ -243,9 +253,13 @@ impl Session {
         self.close_reason = reason;
         // Nothing more is read, so no partial frame can complete: its deadline must not
         // cut the grace time short.
-        for handle in [self.reader.take(), self.partial_timer.take()]
-            .into_iter()
-            .flatten()
+        for handle in [
+            self.reader.take(),
+            self.partial_timer.take(),
+            self.idle_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             ctx.cancel_future(handle);
         }
@@ -279,6 +293,7 @@ impl Session {
                     ctx.cancel_future(timer);
                 }
                 self.phase = Phase::Ready;
+                self.start_idle_timer(ctx);
                 tracing::debug!(session = self.id, version, "handshake done");
                 return self.send(protocol::handshake_ok(version));
             }
@@ -295,6 +310,29 @@ impl Session {
         };
         let last = protocol::error_reply(None, Some("handshake"), code, message, None);
         self.close(ctx, reason, Some(last));
+    }
+
+    /// Starts the idle check (unless [`Limits::idle_timeout`] is zero): one timer per
+    /// connection ticking at a quarter of the timeout, rather than a timer reset per
+    /// request, so the request path only clears a counter. Four quiet ticks in a row with
+    /// nothing in flight close the connection without a frame: the client sees EOF, as
+    /// after any server-side close (PROTOCOL.md §12).
+    fn start_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        let timeout = self.shared.limits.idle_timeout;
+        if timeout.is_zero() {
+            return;
+        }
+        self.idle_timer = Some(ctx.run_interval(timeout / 4, |act, ctx| {
+            if !act.in_flight.is_empty() {
+                act.quiet_ticks = 0;
+                return;
+            }
+            act.quiet_ticks = act.quiet_ticks.saturating_add(1);
+            if act.quiet_ticks >= 4 {
+                tracing::debug!(session = act.id, "idle timeout; closing");
+                act.close(ctx, "idle-timeout", None);
+            }
+        }));
     }
 
     /// Runs the checks of PROTOCOL.md §5 in order, then spawns the operation.
@@ -438,6 +476,7 @@ impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
     fn handle(&mut self, item: Result<FrameEvent, CodecError>, ctx: &mut Context<Self>) {
         match item {
             Ok(FrameEvent::Started) => {
+                self.quiet_ticks = 0;
                 let timeout = self.shared.limits.partial_frame_timeout;
                 self.partial_timer = Some(ctx.run_later(timeout, |act, ctx| {
                     act.partial_timer = None;
@@ -446,6 +485,7 @@ impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
                 }));
             }
             Ok(FrameEvent::Frame(body)) => {
+                self.quiet_ticks = 0;
                 if let Some(timer) = self.partial_timer.take() {
                     ctx.cancel_future(timer);
                 }
@@ -675,7 +715,14 @@ async fn run(
                 token,
             };
             match store.send(save).await {
-                Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::Written)) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::TooLarge)) => Err(Rejection::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "token too large: merged with the stored token it would exceed \
+                         {MAX_SERVED_TOKEN_LEN} bytes and could not be served"
+                    ),
+                )),
                 _ => Err(internal()),
             }
         }

@@ -27,6 +27,7 @@ use actix::{
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::backend::{Backend, SaveMode, StoreError};
+use crate::protocol::MAX_SERVED_TOKEN_LEN;
 use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
@@ -292,9 +293,27 @@ impl Handler<GetToken> for CredentialStore {
     }
 }
 
-/// Merges a token from the sandbox (already without refresh token) into the store.
+/// What became of a [`SaveToken`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// The merged token was written.
+    Written,
+    /// The merged token's served form would exceed
+    /// [`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN), so it could never be
+    /// served; nothing was written. The session answers `INVALID_REQUEST`.
+    TooLarge,
+}
+
+/// Merges a token from the sandbox (already without refresh token) into the store, unless
+/// the merged token could no longer be served in one frame (then nothing is written).
+///
+/// The size check reads the stored token and merges it under the same per-key lock as
+/// the write (a blocking backend), or on the actor thread (the memory backend), so no save
+/// of this server slips between the check and the write. A host-side `credproxy store`
+/// writing the same file in between is the one race left; it replaces the token wholesale
+/// and is the host's own doing.
 #[derive(Debug, Message)]
-#[rtype(result = "StoreResult<()>")]
+#[rtype(result = "StoreResult<Saved>")]
 pub struct SaveToken {
     /// Provider.
     pub provider: String,
@@ -305,12 +324,28 @@ pub struct SaveToken {
 }
 
 impl Handler<SaveToken> for CredentialStore {
-    type Result = ResponseActFuture<Self, StoreResult<()>>;
+    type Result = ResponseActFuture<Self, StoreResult<Saved>>;
 
     fn handle(&mut self, msg: SaveToken, _: &mut Context<Self>) -> Self::Result {
         let key = (msg.provider.clone(), msg.bucket.clone());
         self.run("save_token", Some((&key.0, &key.1)), move |s| {
+            let stored = s.get_token(&msg.provider, &msg.bucket)?;
+            let served_len = match stored {
+                Some(stored) => stored.merge(&msg.token).served().json().len(),
+                None => msg.token.served().json().len(),
+            };
+            if served_len > MAX_SERVED_TOKEN_LEN {
+                tracing::warn!(
+                    provider = %msg.provider,
+                    bucket = %msg.bucket,
+                    served_len,
+                    limit = MAX_SERVED_TOKEN_LEN,
+                    "save_token refused: the merged token would be too large to serve"
+                );
+                return Ok(Saved::TooLarge);
+            }
             s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge)
+                .map(|()| Saved::Written)
         })
     }
 }

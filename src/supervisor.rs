@@ -59,6 +59,20 @@ pub struct Supervisor {
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
     rejected_peers: u64,
+    /// The connection cap in force (see [`Limits::connection_cap`]).
+    connection_cap: usize,
+    /// The per-process cap in force (see [`Limits::per_pid_cap`]).
+    per_pid_cap: usize,
+    /// Peer pid of each session that has one, and open sessions per pid, for
+    /// [`Limits::max_connections_per_pid`].
+    session_pids: HashMap<u64, i32>,
+    per_pid: HashMap<i32, usize>,
+    /// Connections refused by the caps over the server's life.
+    refused_connections: u64,
+    /// Refusals not yet logged, and when the last refusal warning went out: one warning
+    /// per burst, not one per connection.
+    refused_unlogged: u64,
+    last_refusal_log: Option<std::time::Instant>,
     shutting_down: bool,
     /// See [`Config::release_memory_when_idle`].
     release_memory_when_idle: bool,
@@ -76,6 +90,24 @@ impl std::fmt::Debug for Supervisor {
             .finish_non_exhaustive()
     }
 }
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (what OpenSSH's sshd does not need
+/// but any server holding many sockets does); a failure only leaves the lower cap.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, soft, hard, "cannot raise RLIMIT_NOFILE");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+}
+
+/// At most one "connections refused" warning per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Extra time shutdown waits for sessions beyond their own grace and linger timers.
 const DRAIN_MARGIN: Duration = Duration::from_millis(500);
@@ -97,6 +129,8 @@ pub struct ShutdownReport {
     pub socket_removed: bool,
     /// Connections refused by the peer check over the server's life.
     pub peers_refused: u64,
+    /// Connections refused by the connection caps over the server's life.
+    pub connections_refused: u64,
     /// The socket path.
     pub socket_path: PathBuf,
 }
@@ -173,6 +207,12 @@ impl Supervisor {
         let euid = geteuid().as_raw();
         let mut allowed_uids = vec![euid, 0];
         allowed_uids.extend(&config.extra_uids);
+        if config.limits.raise_nofile_limit {
+            raise_nofile_limit();
+        }
+        let connection_cap = config.limits.connection_cap();
+        tracing::debug!(connection_cap, "connection cap");
+        let per_pid_cap = config.limits.per_pid_cap(connection_cap);
         let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();
         let policy = ScopePolicy::new(config.profile).start();
         let supervisor = Supervisor {
@@ -188,6 +228,13 @@ impl Supervisor {
             sessions: HashMap::new(),
             next_id: 0,
             rejected_peers: 0,
+            connection_cap,
+            per_pid_cap,
+            session_pids: HashMap::new(),
+            per_pid: HashMap::new(),
+            refused_connections: 0,
+            refused_unlogged: 0,
+            last_refusal_log: None,
             shutting_down: false,
             release_memory_when_idle: config.release_memory_when_idle,
             tidy_pending: false,
@@ -196,6 +243,50 @@ impl Supervisor {
         .start();
         tracing::info!(socket = %path.display(), "credential proxy listening");
         Ok((supervisor, path))
+    }
+
+    /// Refuses a connection over a cap: one handshake error frame written without waiting
+    /// (a fresh socket's send buffer always takes it; if not, nothing is sent), then the
+    /// stream is dropped, so the client sees the reason and EOF at once instead of hanging
+    /// in the listen backlog, which is what not accepting would do. Logged once per burst:
+    /// a warning at most every [`REFUSAL_LOG_INTERVAL`] with the count since the last one.
+    fn refuse_connection(&mut self, stream: UnixStream, peer: &Peer, per_pid: bool) {
+        self.refused_connections += 1;
+        self.refused_unlogged += 1;
+        let message = if per_pid {
+            "too many connections from this process"
+        } else {
+            "too many connections"
+        };
+        let body = crate::protocol::error_reply(
+            None,
+            Some("handshake"),
+            crate::protocol::ErrorCode::ResourceExhausted,
+            message,
+            None,
+        );
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&body);
+        let _ = stream.try_write(&frame);
+        drop(stream);
+        let now = std::time::Instant::now();
+        if self
+            .last_refusal_log
+            .map_or(true, |t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                refused = self.refused_unlogged,
+                open = self.sessions.len(),
+                cap = self.connection_cap,
+                per_pid_cap = self.per_pid_cap,
+                last_uid = peer.uid,
+                last_pid = peer.pid,
+                "connections refused: over the connection cap"
+            );
+            self.refused_unlogged = 0;
+            self.last_refusal_log = Some(now);
+        }
     }
 
     /// The peer check of PROTOCOL.md §2. On Linux `SO_PEERCRED` is a gate: our euid, root
@@ -266,11 +357,21 @@ impl StreamHandler<UnixStream> for Supervisor {
             );
             return;
         }
+        let pid = peer.pid.filter(|&p| p > 0);
+        let over_pid =
+            pid.is_some_and(|p| self.per_pid.get(&p).copied().unwrap_or(0) >= self.per_pid_cap);
+        if self.sessions.len() >= self.connection_cap || over_pid {
+            return self.refuse_connection(stream, &peer, over_pid);
+        }
         let Some(shared) = self.shared.clone() else {
             return;
         };
         self.next_id += 1;
         let id = self.next_id;
+        if let Some(p) = pid {
+            *self.per_pid.entry(p).or_default() += 1;
+            self.session_pids.insert(id, p);
+        }
         self.sessions
             .insert(id, Session::spawn(stream, id, peer, shared));
     }
@@ -293,6 +394,14 @@ impl Handler<SessionClosed> for Supervisor {
 
     fn handle(&mut self, msg: SessionClosed, ctx: &mut Context<Self>) {
         self.sessions.remove(&msg.id);
+        if let Some(p) = self.session_pids.remove(&msg.id) {
+            if let Some(n) = self.per_pid.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_pid.remove(&p);
+                }
+            }
+        }
         if self.sessions.is_empty() && !self.tidy_pending && !self.shutting_down {
             self.tidy_pending = true;
             ctx.run_later(IDLE_TIDY_DELAY, |act, ctx| act.tidy_if_idle(ctx));
@@ -391,6 +500,7 @@ impl Handler<Shutdown> for Supervisor {
             // 6. remove the socket file; 7. report, and stop (which ends the System).
             report.socket_removed = socket::remove_socket(&act.path, act.inode);
             report.peers_refused = act.rejected_peers;
+            report.connections_refused = act.refused_connections;
             report.socket_path = act.path.clone();
             tracing::info!(?report, "shutdown complete");
             ctx.stop();

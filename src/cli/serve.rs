@@ -29,6 +29,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Largest `--idle-timeout`: one week (anything longer is "never" in practice; use 0).
+const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 /// The options of `serve`, shared by `exec`.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -60,6 +63,19 @@ pub struct ServeArgs {
     /// Also accept connections from this uid (besides yours and root), e.g. a container's
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// Close a connection that has sent nothing for SECS seconds (after its handshake,
+    /// with no request in flight); 0 never closes [default: 900]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=MAX_IDLE_TIMEOUT_SECS))]
+    pub idle_timeout: Option<u64>,
+    /// Open connections at most (all peers); 0 derives it from the descriptor limit
+    /// (RLIMIT_NOFILE, raised to its hard limit at start, minus a reserve) [default: 0,
+    /// at most 4096]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections: Option<u64>,
+    /// Open connections at most from one peer process; 0 means half the connection cap
+    /// [default: 0]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections_per_pid: Option<u64>,
     /// Log format on stderr (level from RUST_LOG, default info)
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -125,6 +141,17 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     config.release_memory_when_idle = true;
     if let Some(rate) = args.rate_limit.or(file_rate) {
         config.limits.rate_limit = rate;
+    }
+    // The server is the whole process here: use every descriptor the hard limit allows.
+    config.limits.raise_nofile_limit = true;
+    if let Some(n) = args.max_connections {
+        config.limits.max_connections = n as usize;
+    }
+    if let Some(n) = args.max_connections_per_pid {
+        config.limits.max_connections_per_pid = n as usize;
+    }
+    if let Some(secs) = args.idle_timeout {
+        config.limits.idle_timeout = std::time::Duration::from_secs(secs);
     }
     Ok(config)
 }

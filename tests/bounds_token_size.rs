@@ -1,0 +1,90 @@
+//! Issue 13 item 6: merged saves must not build a token whose served form no longer fits
+//! in a `get_token` reply. A `save_token` whose merged result would be too large is
+//! refused with `INVALID_REQUEST` and nothing is written; the last accepted token is still
+//! served, even to a request with the longest, most expensive id the protocol allows.
+
+mod common;
+use common::*;
+
+use credproxy::backend::Backend;
+use credproxy::Limits;
+use serde_json::{json, Value};
+
+/// Saves `{field: "x" * len}` into `anthropic:default` (merged into what is stored).
+fn save_field(c: &mut Raw, id: &str, field: &str, len: usize) -> Value {
+    let token = json!({"access_token": "at-grown", "expiry": 1_900_000_000, "token_type": "Bearer", field: "x".repeat(len)});
+    c.call(
+        id,
+        "save_token",
+        json!({"provider":"anthropic","bucket":"default","token": token}),
+    )
+}
+
+#[test]
+fn merged_save_that_would_not_fit_a_reply_is_refused_and_nothing_is_written() {
+    // No rate limit: the test takes a hundred small steps towards the limit.
+    let limits = Limits {
+        rate_limit: 0,
+        ..short_limits()
+    };
+    let server = TestServer::start_with(allow_all(), limits, seeded());
+    let mut c = server.connect();
+
+    // Grow the stored token by merged saves with shrinking steps, so that it ends within
+    // a few bytes of the largest size that can still be served.
+    let mut n = 0;
+    let mut refused = 0;
+    for step in [16_000, 1_000, 50, 1] {
+        loop {
+            n += 1;
+            let reply = save_field(&mut c, &format!("s{n}"), &format!("f{n:04}"), step);
+            if reply["ok"] == json!(true) {
+                assert_eq!(reply, ok(&format!("s{n}"), json!({})));
+                assert!(n < 200, "the token grew without bound");
+                continue;
+            }
+            let msg = assert_err(&reply, &format!("s{n}"), "INVALID_REQUEST");
+            assert!(msg.contains("too large"), "{msg}");
+            assert!(
+                !msg.contains("xxxx"),
+                "no token content in the message: {msg}"
+            );
+            refused += 1;
+            break;
+        }
+    }
+    assert_eq!(refused, 4);
+
+    // Nothing of the refused saves was written: the stored token holds exactly the
+    // accepted fields (the last refused one of each step is absent).
+    let stored = server
+        .backend
+        .get_token("anthropic", "default")
+        .expect("store readable")
+        .expect("token stored");
+    let fields = stored.fields();
+    assert!(!fields.contains_key(&format!("f{n:04}")));
+    assert!(fields.contains_key(&format!("f{:04}", n - 1)));
+    assert_eq!(
+        fields.get("refresh_token"),
+        Some(&json!("rt-anthropic-default")),
+        "the refresh token survives the merges"
+    );
+
+    // The id that costs most in a reply: 128 bytes that each escape to six.
+    let worst_id: String = "\u{1}".repeat(credproxy::protocol::MAX_ID_LEN);
+    let reply = c.call(
+        &worst_id,
+        "get_token",
+        json!({"provider":"anthropic","bucket":"default"}),
+    );
+    let served = data(&reply);
+    assert_eq!(served["access_token"], json!("at-grown"));
+    assert!(served.get(format!("f{:04}", n - 1)).is_some());
+    assert!(served.get(format!("f{n:04}")).is_none());
+    assert!(served.get("refresh_token").is_none());
+
+    // A save that shrinks a field is still accepted at the limit.
+    let reply = save_field(&mut c, "shrink", "f0001", 10);
+    assert_eq!(reply, ok("shrink", json!({})));
+}
