@@ -49,7 +49,7 @@ pub struct Limits {
     /// `RESOURCE_EXHAUSTED` handshake error and closed at once (never left hanging in the
     /// backlog). 0: derived from `RLIMIT_NOFILE` at start, the soft limit minus
     /// [`NOFILE_RESERVE`] descriptors kept for the store, the runtime and the host
-    /// program, and at most [`MAX_CONNECTIONS_CEILING`]. A value given here is still
+    /// program (half the limit when that is less), and at most [`MAX_CONNECTIONS_CEILING`]. A value given here is still
     /// lowered to that descriptor budget.
     pub max_connections: usize,
     /// Open connections at most from one peer process (`SO_PEERCRED` pid), so one runaway
@@ -79,12 +79,15 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl Limits {
     /// The connection cap in force: [`Limits::max_connections`] (or the ceiling when 0),
-    /// lowered to the soft `RLIMIT_NOFILE` minus [`NOFILE_RESERVE`], and at least 1.
+    /// lowered to the soft `RLIMIT_NOFILE` minus [`NOFILE_RESERVE`] (or half the limit,
+    /// when that is less), and at least 1.
     pub fn connection_cap(&self) -> usize {
         let budget =
             match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
                 Ok((soft, _)) => {
-                    usize::try_from(soft.saturating_sub(NOFILE_RESERVE)).unwrap_or(usize::MAX)
+                    // A low limit keeps half for the store rather than leaving one slot.
+                    let reserve = NOFILE_RESERVE.min(soft / 2);
+                    usize::try_from(soft.saturating_sub(reserve)).unwrap_or(usize::MAX)
                 }
                 Err(_) => MAX_CONNECTIONS_CEILING,
             };

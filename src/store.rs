@@ -27,7 +27,6 @@ use actix::{
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::backend::{Backend, SaveMode, StoreError};
-use crate::protocol::MAX_SERVED_TOKEN_LEN;
 use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
@@ -307,11 +306,9 @@ pub enum Saved {
 /// Merges a token from the sandbox (already without refresh token) into the store, unless
 /// the merged token could no longer be served in one frame (then nothing is written).
 ///
-/// The size check reads the stored token and merges it under the same per-key lock as
-/// the write (a blocking backend), or on the actor thread (the memory backend), so no save
-/// of this server slips between the check and the write. A host-side `credproxy store`
-/// writing the same file in between is the one race left; it replaces the token wholesale
-/// and is the host's own doing.
+/// The backend checks the size under the same lock as its read and write
+/// ([`Backend::save_token`]), so no other save, of this server or another process, slips
+/// between the check and the write.
 #[derive(Debug, Message)]
 #[rtype(result = "StoreResult<Saved>")]
 pub struct SaveToken {
@@ -329,23 +326,22 @@ impl Handler<SaveToken> for CredentialStore {
     fn handle(&mut self, msg: SaveToken, _: &mut Context<Self>) -> Self::Result {
         let key = (msg.provider.clone(), msg.bucket.clone());
         self.run("save_token", Some((&key.0, &key.1)), move |s| {
-            let stored = s.get_token(&msg.provider, &msg.bucket)?;
-            let served_len = match stored {
-                Some(stored) => stored.merge(&msg.token).served().json().len(),
-                None => msg.token.served().json().len(),
-            };
-            if served_len > MAX_SERVED_TOKEN_LEN {
-                tracing::warn!(
-                    provider = %msg.provider,
-                    bucket = %msg.bucket,
-                    served_len,
-                    limit = MAX_SERVED_TOKEN_LEN,
-                    "save_token refused: the merged token would be too large to serve"
-                );
-                return Ok(Saved::TooLarge);
+            // The backend measures the merged token under its own lock (the file store's
+            // flock, shared with every process on the store), so no save slips in between.
+            match s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge) {
+                Ok(()) => Ok(Saved::Written),
+                Err(StoreError::TooLarge { len, limit }) => {
+                    tracing::warn!(
+                        provider = %msg.provider,
+                        bucket = %msg.bucket,
+                        served_len = len,
+                        limit,
+                        "save_token refused: the merged token would be too large to serve"
+                    );
+                    Ok(Saved::TooLarge)
+                }
+                Err(e) => Err(e),
             }
-            s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge)
-                .map(|()| Saved::Written)
         })
     }
 }

@@ -154,6 +154,11 @@ impl Token {
         locked_json(&self.fields)
     }
 
+    /// The length in bytes of [`Token::served`]'s JSON, measured without building it.
+    pub fn served_len(&self) -> usize {
+        json_len(&WithoutRefresh(&self.fields))
+    }
+
     /// Merges an incoming token into this stored one (PROTOCOL.md §6): every field present
     /// in `incoming` replaces the stored one, absent fields keep the stored value, and
     /// `refresh_token` keeps the stored value when the incoming one is absent, empty or null.

@@ -88,3 +88,41 @@ fn merged_save_that_would_not_fit_a_reply_is_refused_and_nothing_is_written() {
     let reply = save_field(&mut c, "shrink", "f0001", 10);
     assert_eq!(reply, ok("shrink", json!({})));
 }
+
+/// The host's `credproxy store token set` is held to the same bound (the check sits in the
+/// backend, under the store's lock): a token that could never be served is refused with a
+/// clear message, and nothing is written.
+#[test]
+fn the_host_cannot_store_a_token_too_large_to_serve() {
+    use common::process::{run, Env, Fixture, Stdin, BIN};
+    let f = Fixture::new();
+    let huge = serde_json::json!({
+        "access_token": "a".repeat(credproxy::protocol::MAX_SERVED_TOKEN_LEN),
+        "refresh_token": "rt-host-canary",
+        "expiry": 1_900_000_000u64,
+        "token_type": "Bearer",
+    })
+    .to_string();
+    let run = run(
+        BIN,
+        &[
+            "store",
+            "token",
+            "set",
+            "anthropic",
+            "--store",
+            f.store_str(),
+        ],
+        Stdin::PipeAll(huge.as_bytes()),
+        Env::ISOLATED,
+    );
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("the token is too large") && !run.stderr.contains("rt-host-canary"),
+        "{run:?}"
+    );
+    assert!(
+        !f.store.join("tokens/anthropic/default.json").exists(),
+        "a refused token was written"
+    );
+}

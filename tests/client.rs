@@ -191,17 +191,42 @@ fn unreachable_proxy_is_a_connect_error() {
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
 }
 
+/// A stored token too large to serve (the store refuses to write one, so this file was
+/// written by hand or by another tool) is answered `INTERNAL_ERROR`, and the connection
+/// stays usable.
 #[test]
 fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
-    let backend = seeded();
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let store = tempfile::tempdir().expect("store");
+    let backend = credproxy::backend::FileBackend::open(store.path()).expect("open store");
     let big = "x".repeat(65_500);
-    let t = credproxy::token::Token::from_value(json!({
-        "access_token": "at", "expiry": 1, "token_type": "Bearer", "blob": big
-    }))
-    .expect("token");
-    backend.insert_token("big", "default", t).expect("seed");
-    let s = TestServer::start_with(allow_all(), short_limits(), backend);
-    let mut raw = s.connect();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(store.path().join("tokens/big"))
+        .expect("mkdir");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(store.path().join("tokens/big/default.json"))
+        .expect("create");
+    std::io::Write::write_all(
+        &mut file,
+        json!({"access_token": "at", "expiry": 1, "token_type": "Bearer", "blob": big})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("write");
+    credproxy::backend::Backend::set_key(&backend, "openai", &"sk-openai".into()).expect("key");
+    let dir = tempfile::tempdir().expect("sock dir");
+    let mut config = credproxy::Config::new(std::sync::Arc::new(backend));
+    config.socket_dir = Some(dir.path().to_owned());
+    config.profile = allow_all();
+    config.limits = short_limits();
+    let handle = credproxy::Supervisor::start(config).expect("server starts");
+    let mut raw = common::Raw::connect(handle.socket_path());
+    raw.handshake();
     let reply = raw.call("1", "get_token", json!({"provider":"big"}));
     assert_eq!(
         reply,
@@ -211,4 +236,5 @@ fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
         data(&raw.call("2", "has_api_key", json!({"name":"openai"})))["exists"],
         true
     );
+    handle.shutdown_blocking().expect("shutdown");
 }

@@ -421,6 +421,7 @@ impl Backend for FileBackend {
                 None => incoming,
             },
         };
+        super::check_served_len(next)?;
         let written = write_json(&dir, &file_name, next);
         self.invalidate();
         written

@@ -126,11 +126,13 @@ impl Backend for MemoryBackend {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
         let mut c = self.lock()?;
-        let buckets = c.tokens.entry(provider.to_owned()).or_default();
-        let token = match (mode, buckets.get(bucket)) {
+        let stored = c.tokens.get(provider).and_then(|b| b.get(bucket));
+        let token = match (mode, stored) {
             (SaveMode::Merge, Some(stored)) => stored.token()?.merge(incoming),
             _ => incoming.clone(),
         };
+        super::check_served_len(&token)?;
+        let buckets = c.tokens.entry(provider.to_owned()).or_default();
         let stored = Stored {
             token: token.locked_json(),
             served: token.served(),

@@ -54,9 +54,30 @@ pub enum StoreError {
     /// A name failed validation inside the backend.
     #[error("invalid name refused by the store")]
     InvalidName,
+    /// A token whose served form would be larger than a reply frame can carry
+    /// ([`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN)); nothing was
+    /// written.
+    #[error("the token is too large: served it would be {len} bytes, over the limit of {limit} bytes that one reply can carry")]
+    TooLarge {
+        /// The served form's length, merged with the stored token where it merges.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The store was cleared by shutdown and holds nothing any more.
     #[error("the store has been cleared")]
     Cleared,
+}
+
+/// Refuses (nothing written) a token that could not be served in one reply frame.
+pub(crate) fn check_served_len(token: &Token) -> Result<(), StoreError> {
+    let len = token.served_len();
+    let limit = crate::protocol::MAX_SERVED_TOKEN_LEN;
+    if len > limit {
+        Err(StoreError::TooLarge { len, limit })
+    } else {
+        Ok(())
+    }
 }
 
 /// Refuses a name that is not valid for `kind`: every backend checks again, so no caller
@@ -88,7 +109,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError>;
 
     /// Stores `incoming` for `provider:bucket` (read, merge or replace, write, as one atomic
-    /// step under the store's lock).
+    /// step under the store's lock). A result whose served form would exceed
+    /// [`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN) is refused with
+    /// [`StoreError::TooLarge`] and nothing is written, so every stored token can be served.
     fn save_token(
         &self,
         provider: &str,
