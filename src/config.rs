@@ -59,6 +59,12 @@ pub struct Limits {
     /// pid the kernel does not report (0) counts under the global cap only; peers in
     /// another pid namespace are seen with their pids in ours, so each still counts alone.
     pub max_connections_per_pid: usize,
+    /// Unsent reply bytes at most across every connection of the server (0: no global
+    /// bound; each connection is still bounded by its own watermark). While over it,
+    /// every connection stops reading new requests; a connection holding more than its
+    /// own watermark unsent when a reply takes the server over it is closed at once, its
+    /// unsent bytes wiped and dropped (see [`crate::outbox`]). Default 64 MiB.
+    pub max_unsent_total: usize,
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start, before the connection
     /// cap is derived. It changes the whole process, so it is off by default for a host
     /// program embedding the server; `credproxy serve` and `exec` turn it on.
@@ -73,6 +79,9 @@ pub const NOFILE_RESERVE: u64 = 384;
 /// The largest derived connection cap, however high `RLIMIT_NOFILE` is: a sandbox needs
 /// a handful of connections, and each costs memory.
 pub const MAX_CONNECTIONS_CEILING: usize = 4096;
+
+/// Default [`Limits::max_unsent_total`]: 64 MiB.
+pub const DEFAULT_MAX_UNSENT_TOTAL: usize = 64 << 20;
 
 /// Default [`Limits::idle_timeout`]: 15 minutes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -127,6 +136,7 @@ impl Default for Limits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: 0,
             max_connections_per_pid: 0,
+            max_unsent_total: DEFAULT_MAX_UNSENT_TOTAL,
             raise_nofile_limit: false,
         }
     }

@@ -8,6 +8,7 @@
 //! once the bytes are flushed (or after the linger time for a peer that never reads).
 
 use std::collections::HashSet;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use tokio_util::codec::FramedRead;
 use crate::codec::{CodecError, FrameCodec, FrameEvent, MAX_FRAME_LEN};
 use crate::config::Limits;
 use crate::envelope::Frame;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, UnsentBudget};
 use crate::policy::{self, Decision, ListKind, ScopePolicy, Subject};
 use crate::protocol::{
     self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request, MAX_SERVED_TOKEN_LEN,
@@ -118,8 +119,15 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// Starts a session actor on the current arbiter for an accepted, peer-checked stream.
-    pub fn spawn(stream: UnixStream, id: u64, peer: Peer, shared: Arc<Shared>) -> Addr<Session> {
-        Session::create(move |ctx| Session::new(stream, id, peer, shared, ctx))
+    /// `budget` is the server's unsent-bytes budget, shared by every session.
+    pub fn spawn(
+        stream: UnixStream,
+        id: u64,
+        peer: Peer,
+        shared: Arc<Shared>,
+        budget: Rc<UnsentBudget>,
+    ) -> Addr<Session> {
+        Session::create(move |ctx| Session::new(stream, id, peer, shared, budget, ctx))
     }
 
     fn new(
@@ -127,10 +135,11 @@ impl Session {
         id: u64,
         peer: Peer,
         shared: Arc<Shared>,
+        budget: Rc<UnsentBudget>,
         ctx: &mut Context<Session>,
     ) -> Session {
         let (read, write) = stream.into_split();
-        let outbox = Outbox::new();
+        let outbox = Outbox::new(budget);
         let frames = FramedRead::with_capacity(read, FrameCodec::new(), INITIAL_READ_BUFFER);
         let reader = ctx.add_stream(outbox.pause_reads(frames));
         ctx.spawn(outbox.writer(
@@ -138,7 +147,9 @@ impl Session {
             |act: &mut Session, ctx: &mut Context<Session>, result| {
                 if let Err(e) = result {
                     tracing::debug!(session = act.id, error = %e, "write failed");
-                    if act.phase != Phase::Closing {
+                    if act.outbox.aborted() {
+                        act.close_reason = "unsent-budget";
+                    } else if act.phase != Phase::Closing {
                         act.close_reason = "io-error";
                     }
                 }

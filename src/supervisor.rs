@@ -23,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -39,6 +40,7 @@ use tokio::time::Sleep;
 
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
+use crate::outbox::UnsentBudget;
 use crate::policy::{self, ScopePolicy};
 use crate::session::{self, Peer, Session, SessionClosed, Shared};
 use crate::socket;
@@ -59,6 +61,8 @@ pub struct Supervisor {
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
     rejected_peers: u64,
+    /// Unsent reply bytes across every session (see [`crate::outbox`]).
+    unsent: Rc<UnsentBudget>,
     /// The connection cap in force (see [`Limits::connection_cap`]).
     connection_cap: usize,
     /// The per-process cap in force (see [`Limits::per_pid_cap`]).
@@ -215,6 +219,7 @@ impl Supervisor {
         let per_pid_cap = config.limits.per_pid_cap(connection_cap);
         let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();
         let policy = ScopePolicy::new(config.profile).start();
+        let max_unsent_total = config.limits.max_unsent_total;
         let supervisor = Supervisor {
             path: path.clone(),
             inode,
@@ -228,6 +233,7 @@ impl Supervisor {
             sessions: HashMap::new(),
             next_id: 0,
             rejected_peers: 0,
+            unsent: UnsentBudget::new(max_unsent_total),
             connection_cap,
             per_pid_cap,
             session_pids: HashMap::new(),
@@ -372,8 +378,10 @@ impl StreamHandler<UnixStream> for Supervisor {
             *self.per_pid.entry(p).or_default() += 1;
             self.session_pids.insert(id, p);
         }
-        self.sessions
-            .insert(id, Session::spawn(stream, id, peer, shared));
+        self.sessions.insert(
+            id,
+            Session::spawn(stream, id, peer, shared, self.unsent.clone()),
+        );
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {
@@ -444,6 +452,20 @@ impl Handler<SessionCount> for Supervisor {
 
     fn handle(&mut self, _: SessionCount, _: &mut Context<Self>) -> usize {
         self.sessions.len()
+    }
+}
+
+/// Asks how many reply bytes are queued unsent across every session (for tests and
+/// monitoring; see [`crate::Limits::max_unsent_total`]).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct UnsentBytes;
+
+impl Handler<UnsentBytes> for Supervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: UnsentBytes, _: &mut Context<Self>) -> usize {
+        self.unsent.total()
     }
 }
 
