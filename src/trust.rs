@@ -41,11 +41,18 @@ pub fn check_ancestors(path: &Path) -> Result<(), String> {
     // The resolved path, in case a (trusted) symlink on the way leads elsewhere. A path
     // that does not exist yet is resolved as far as it exists.
     let existing = existing_prefix(&lexical);
-    if let Ok(resolved) = fs::canonicalize(existing) {
-        if resolved != existing {
-            check_dir_entry(&resolved, euid, false)?;
-            walk(&resolved, euid)?;
-        }
+    // A prefix that exists but cannot be resolved (a dangling or looping symlink, a
+    // directory we may not search) hides where it leads: refused, not skipped.
+    let resolved = fs::canonicalize(existing).map_err(|e| {
+        format!(
+            "{} cannot be resolved ({e}); a dangling or looping symlink on the way could be \
+             pointed anywhere later",
+            existing.display()
+        )
+    })?;
+    if resolved != existing {
+        check_dir_entry(&resolved, euid, false)?;
+        walk(&resolved, euid)?;
     }
     Ok(())
 }

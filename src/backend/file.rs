@@ -79,6 +79,10 @@ const DIR_MODE: u32 = 0o700;
 /// Store files are tiny; anything larger is refused rather than read into memory.
 const MAX_FILE_LEN: u64 = 1 << 20;
 
+/// Spare capacity kept in a buffer that `read_to_end` fills with secrets: with less than
+/// 32 bytes spare, std reads into a 32-byte stack buffer first (never wiped).
+pub(crate) const PROBE_SLACK: usize = 64;
+
 /// A credential store kept as files under one directory (see the module documentation).
 ///
 /// A stored file that is unreadable or corrupt is reported as [`StoreError::Corrupt`] (or
@@ -315,7 +319,9 @@ impl FileBackend {
         // Sized up front, and never read past its capacity, so that the buffer is never
         // reallocated (which would leave an unwiped copy of the file in freed memory).
         let cap = len.min(MAX_FILE_LEN) + 1;
-        let mut buf = SecretBytes(Vec::with_capacity(cap as usize));
+        // PROBE_SLACK more than is ever read: std's `read_to_end` reads into a small
+        // unwiped stack buffer when less than that is spare.
+        let mut buf = SecretBytes(Vec::with_capacity(cap as usize + PROBE_SLACK));
         File::from(fd)
             .take(cap)
             .read_to_end(&mut buf.0)

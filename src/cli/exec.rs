@@ -254,7 +254,14 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     let config = build_config(&args.serve)?;
     // Catch the signals before anything starts, so none can kill us between the proxy's
     // start and the child's.
-    let caught = FORWARDED.iter().chain(DROPPED).map(|&s| s as i32);
+    // A signal exec was started with ignored (`nohup`, a background job) stays ignored,
+    // for exec and so for CMD.
+    let caught: Vec<i32> = FORWARDED
+        .iter()
+        .chain(DROPPED)
+        .map(|&s| s as i32)
+        .filter(|&s| !super::ignored_at_start(s))
+        .collect();
     let mut signals = SignalsInfo::<WithOrigin>::new(caught)
         .map_err(|e| Failure::new(format!("cannot handle signals: {e}")))?;
     let signals_handle = signals.handle();

@@ -228,12 +228,17 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
                     .await
                     .map_err(failure)?;
                 let token = token.ok_or_else(|| not_found(format!("no token for {provider}")))?;
-                let mut text = SecretBytes(serde_json::to_vec(&token).unwrap_or_default());
+                // Sized first: growing by reallocation would leave unwiped copies.
+                let mut text = SecretBytes(Vec::with_capacity(crate::token::json_len(&token) + 1));
+                let _ = serde_json::to_writer(&mut text.0, &token);
                 text.0.push(b'\n');
                 emit(&text.0)?;
             }
             TokenCommand::Save { provider, bucket } => {
-                let mut input = SecretBytes::default();
+                // Allocated once: growing by reallocation would leave unwiped copies.
+                let mut input = SecretBytes(Vec::with_capacity(
+                    MAX_STDIN as usize + 1 + crate::backend::file::PROBE_SLACK,
+                ));
                 std::io::stdin()
                     .lock()
                     .take(MAX_STDIN + 1)

@@ -132,3 +132,23 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// True when this process was started with `sig` set to "ignore" (Linux: the `SigIgn`
+/// mask of `/proc/self/status`; `nohup` ignores SIGHUP, a shell's `cmd &` without job
+/// control ignores SIGINT and SIGQUIT). `serve` and `exec` leave such a signal ignored, as
+/// shells and ssh-agent do: catching it would undo the launcher's choice for the proxy
+/// and, through `exec`, for CMD (a caught signal is reset to its default by `execve`, an
+/// ignored one stays ignored). Read it before any handler is installed.
+pub(crate) fn ignored_at_start(sig: i32) -> bool {
+    if !cfg!(target_os = "linux") || !(1..=64).contains(&sig) {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+}

@@ -156,9 +156,28 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     Ok(config)
 }
 
+/// The next delivery of an optional signal stream; never, for one left ignored.
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// `credproxy serve`.
 pub fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = build_config(&args)?;
+    // A stop signal serve was started with ignored (`nohup credproxy serve &` ignores
+    // SIGHUP) stays ignored: the launcher asked for it.
+    use nix::sys::signal::Signal;
+    let wanted = |sig: Signal| !super::ignored_at_start(sig as i32);
+    let (want_int, want_hup, want_quit) = (
+        wanted(Signal::SIGINT),
+        wanted(Signal::SIGHUP),
+        wanted(Signal::SIGQUIT),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,14 +188,18 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         let handler = |kind, name| {
             signal(kind).map_err(|e| Failure::new(format!("cannot handle {name}: {e}")))
         };
-        let mut sigint = handler(SignalKind::interrupt(), "SIGINT")?;
+        let optional = |want: bool, kind, name| match want {
+            true => handler(kind, name).map(Some),
+            false => Ok(None),
+        };
+        let mut sigint = optional(want_int, SignalKind::interrupt(), "SIGINT")?;
         let mut sigterm = handler(SignalKind::terminate(), "SIGTERM")?;
         // A closed terminal or `kill -HUP` ends the server like SIGTERM: with the cleanup
         // (the socket removed), never by the default action that would leave it behind.
-        let mut sighup = handler(SignalKind::hangup(), "SIGHUP")?;
+        let mut sighup = optional(want_hup, SignalKind::hangup(), "SIGHUP")?;
         // SIGQUIT's default dumps core, with whatever secrets the server holds: a clean
         // shutdown instead.
-        let mut sigquit = handler(SignalKind::quit(), "SIGQUIT")?;
+        let mut sigquit = optional(want_quit, SignalKind::quit(), "SIGQUIT")?;
         // Signals whose default would kill the server without cleanup and that ask
         // nothing of it: caught (tokio keeps its handler installed) and never read, so
         // they are ignored.
@@ -207,10 +230,10 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         let _ = out.flush();
         drop(out);
         let signal = tokio::select! {
-            _ = sigint.recv() => "SIGINT",
+            _ = recv(&mut sigint) => "SIGINT",
             _ = sigterm.recv() => "SIGTERM",
-            _ = sighup.recv() => "SIGHUP",
-            _ = sigquit.recv() => "SIGQUIT",
+            _ = recv(&mut sighup) => "SIGHUP",
+            _ = recv(&mut sigquit) => "SIGQUIT",
         };
         tracing::info!(signal, "shutting down");
         handle

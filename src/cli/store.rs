@@ -115,7 +115,9 @@ fn read_secret_input(prompt: bool, what: &str) -> Result<SecretBytes, Failure> {
         return Err(Failure::usage(format!("refusing to read the {what} from an interactive terminal (it would echo); pipe it in, or pass --prompt")));
     }
     // Allocated once at the limit: growing by reallocation would leave unwiped copies.
-    let mut buf = SecretBytes(Vec::with_capacity(MAX_STDIN as usize + 1));
+    let mut buf = SecretBytes(Vec::with_capacity(
+        MAX_STDIN as usize + 1 + crate::backend::file::PROBE_SLACK,
+    ));
     stdin
         .lock()
         .take(MAX_STDIN + 1)
