@@ -14,7 +14,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::process::{
     path_str, sanitized, strings, token_json, try_run, Canaries, Env, Fixture, Run, Stdin, BIN,
@@ -323,8 +323,8 @@ fn neighbour(f: &Fixture) -> (common::process::Server, u64) {
 }
 
 /// `credproxy exec --allow anthropic -- CMD` in the fixture's socket directory with a host
-/// environment holding an API key; the neighbour's socket must be the only one left.
-fn exec_beside(f: &Fixture, neighbour: &Path, cmd: &[String]) -> Run {
+/// environment holding an API key.
+fn exec_beside(f: &Fixture, cmd: &[String]) -> Run {
     let mut args = strings(&[
         "exec",
         "--store",
@@ -337,14 +337,7 @@ fn exec_beside(f: &Fixture, neighbour: &Path, cmd: &[String]) -> Run {
     ]);
     args.extend_from_slice(cmd);
     let env = Env::ISOLATED.with(&[("ANTHROPIC_API_KEY", HOST_KEY)]);
-    let run = try_run(BIN, &args, Stdin::Null, env).expect("spawn credproxy exec");
-    CANARIES.check_run("credproxy exec", &run);
-    assert_eq!(
-        f.sockets(),
-        vec![neighbour.to_owned()],
-        "sockets after exec"
-    );
-    run
+    try_run(BIN, &args, Stdin::Null, env).expect("spawn credproxy exec")
 }
 
 /// An API key in the host shell's environment, which no sandbox may see.
@@ -364,7 +357,9 @@ fn a_sandbox_cannot_see_reach_remove_or_replace_another_proxy_of_the_same_user()
     let other = server.socket.clone();
 
     let inside = strings(&["/bin/sh", "-c", NEIGHBOUR, "sh", &path_str(&other)]);
-    let run = exec_beside(&f, &other, &sandboxed(RECIPE, &bwrap_args(&[]), &inside));
+    let run = exec_beside(&f, &sandboxed(RECIPE, &bwrap_args(&[]), &inside));
+    CANARIES.check_run("credproxy exec", &run);
+    assert_eq!(f.sockets(), vec![other.clone()], "sockets after exec");
     assert_eq!(run.status.code(), Some(0), "{run:?}");
     let lines: Vec<&str> = run.stdout.lines().collect();
     // It sees one socket, its own (the neighbour's name is not in the listing).
@@ -423,19 +418,7 @@ fn the_old_directory_recipe_let_a_sandbox_use_and_delete_another_proxy() {
     let other = server.socket.clone();
 
     let inside = strings(&["/bin/sh", "-c", NEIGHBOUR, "sh", &path_str(&other)]);
-    let mut args = strings(&[
-        "exec",
-        "--store",
-        &path_str(&f.store),
-        "--socket-dir",
-        &path_str(&f.sock),
-        "--allow",
-        "anthropic",
-        "--",
-    ]);
-    args.extend(sandboxed(OLD_RECIPE, &bwrap_args(&[]), &inside));
-    let env = Env::ISOLATED.with(&[("ANTHROPIC_API_KEY", HOST_KEY)]);
-    let run = try_run(BIN, &args, Stdin::Null, env).expect("spawn credproxy exec");
+    let run = exec_beside(&f, &sandboxed(OLD_RECIPE, &bwrap_args(&[]), &inside));
     assert!(run.stdout.contains("visible\n"), "{run:?}");
     assert!(
         run.stdout
