@@ -778,3 +778,48 @@ fn store_commands_are_seen_by_a_server_running_on_the_same_store() {
     assert!(stopped.status.success(), "{stopped:?}");
     assert_no_canary("serve stderr", &stopped.stderr);
 }
+
+/// A profile written for host-side refresh is accepted, and serve says plainly that this
+/// version does not refresh yet.
+#[test]
+fn refresh_settings_in_a_profile_are_checked_and_reported_as_not_active() {
+    let f = Fixture::new();
+    let profile = f.tmp.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "allow = [\"anthropic\"]\nrenew_before = 600\n[provider.anthropic]\ntoken_url = \"http://127.0.0.1:9/t\"\n",
+    )
+    .expect("write profile");
+    let server = f.start_serve(
+        &["--profile", profile.to_str().expect("utf-8")],
+        Env::ISOLATED,
+    );
+    let stopped = server.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        stopped.stderr.contains("checked but not used yet"),
+        "{stopped:?}"
+    );
+    // And a bad one is refused with its line, like any profile error.
+    std::fs::write(
+        &profile,
+        "[provider.anthropic]\ntoken_url = \"http://example.com/t\"\n",
+    )
+    .expect("write profile");
+    let run = common::process::run(
+        BIN,
+        &[
+            "serve",
+            "--profile",
+            profile.to_str().expect("utf-8"),
+            "--store",
+            f.store_str(),
+        ],
+        Stdin::Null,
+        Env::ISOLATED,
+    );
+    assert_eq!(run.code(), Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("line 2") && run.stderr.contains("https://"),
+        "{run:?}"
+    );
+}

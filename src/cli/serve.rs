@@ -120,6 +120,20 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     let (mut profile, file_rate) = match &args.profile {
         Some(path) => {
             let loaded = profile::load(path).map_err(|e| Failure::usage(e.to_string()))?;
+            let sets_refresh = loaded.refresh.is_some()
+                || loaded.refresh_margin.is_some()
+                || loaded.renew_before.is_some()
+                || !loaded.providers.is_empty();
+            if sets_refresh {
+                // Read and checked now, so a profile written for host-side refresh is
+                // valid; the refresh engine that acts on it is not in this version.
+                tracing::warn!(
+                    profile = %path.display(),
+                    "the profile's refresh settings (refresh, refresh_margin, renew_before, \
+                     [provider.*]) are checked but not used yet: this version serves tokens \
+                     as stored, without host-side refresh"
+                );
+            }
             (loaded.profile, loaded.rate_limit)
         }
         None => (Profile::default(), None),
