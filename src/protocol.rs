@@ -686,9 +686,16 @@ mod tests {
         assert!(request(Op::GetToken, json!({"provider":"../x"})).is_err());
         assert!(request(Op::GetToken, json!({"provider":1})).is_err());
         assert!(request(Op::GetApiKey, json!({"name":"a@b"})).is_err());
+        // A partial token passes the payload check (the store merges it, §7); a field of
+        // the wrong type does not.
         assert!(request(
             Op::SaveToken,
             json!({"provider":"p","token":{"access_token":"a"}})
+        )
+        .is_ok());
+        assert!(request(
+            Op::SaveToken,
+            json!({"provider":"p","token":{"access_token":"a","expiry":"1"}})
         )
         .is_err());
         let r = request(

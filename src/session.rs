@@ -727,6 +727,9 @@ async fn run(
             };
             match store.send(save).await {
                 Ok(Ok(store::Saved::Written)) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::Invalid(e))) => {
+                    Err(Rejection::new(ErrorCode::InvalidRequest, e.to_string()))
+                }
                 Ok(Ok(store::Saved::TooLarge)) => Err(Rejection::new(
                     ErrorCode::InvalidRequest,
                     format!(

@@ -293,7 +293,7 @@ impl Handler<GetToken> for CredentialStore {
 }
 
 /// What became of a [`SaveToken`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Saved {
     /// The merged token was written.
     Written,
@@ -301,6 +301,10 @@ pub enum Saved {
     /// [`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN), so it could never be
     /// served; nothing was written. The session answers `INVALID_REQUEST`.
     TooLarge,
+    /// A partial token with nothing stored to merge it into (or a merge that is still
+    /// incomplete); nothing was written. The session answers `INVALID_REQUEST` naming the
+    /// missing field.
+    Invalid(crate::token::TokenError),
 }
 
 /// Merges a token from the sandbox (already without refresh token) into the store, unless
@@ -330,6 +334,7 @@ impl Handler<SaveToken> for CredentialStore {
             // flock, shared with every process on the store), so no save slips in between.
             match s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge) {
                 Ok(()) => Ok(Saved::Written),
+                Err(StoreError::InvalidToken(e)) => Ok(Saved::Invalid(e)),
                 Err(StoreError::TooLarge { len, limit }) => {
                     tracing::warn!(
                         provider = %msg.provider,

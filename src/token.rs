@@ -77,7 +77,14 @@ impl Token {
     }
 
     fn validate(&self) -> Result<(), TokenError> {
+        self.check_fields(true)
+    }
+
+    /// Checks the type of every known field present; with `complete`, also that the
+    /// required ones (`access_token`, `expiry`, `token_type`) are there.
+    fn check_fields(&self, complete: bool) -> Result<(), TokenError> {
         match self.fields.get("access_token") {
+            None if !complete => {}
             None => return Err(TokenError::Missing("access_token")),
             Some(Value::String(s)) if !s.is_empty() => {}
             Some(Value::String(_)) => {
@@ -86,6 +93,7 @@ impl Token {
             Some(_) => return Err(TokenError::BadField("access_token", "must be a string")),
         }
         match self.fields.get("expiry") {
+            None if !complete => {}
             None => return Err(TokenError::Missing("expiry")),
             Some(Value::Number(_)) => {}
             Some(_) => {
@@ -96,6 +104,7 @@ impl Token {
             }
         }
         match self.fields.get("token_type") {
+            None if !complete => {}
             None => return Err(TokenError::Missing("token_type")),
             Some(Value::String(_)) => {}
             Some(_) => return Err(TokenError::BadField("token_type", "must be a string")),
@@ -111,21 +120,32 @@ impl Token {
         Ok(())
     }
 
-    /// Validates a token that arrived from the sandbox: its `refresh_token` is dropped first,
-    /// whatever its type, so nothing the client sends can set one.
+    /// Reads a token that arrived from the sandbox (`save_token`): its `refresh_token` is
+    /// dropped first, whatever its type, so nothing the client sends can set one. It may
+    /// be partial (PROTOCOL.md §7: say, only a new `access_token`): every field present
+    /// must have the right type, and the store checks that the result of the merge is
+    /// complete ([`Token::check_complete`]).
     pub fn from_client(value: Value) -> Result<Token, TokenError> {
         match value {
             Value::Object(mut fields) => {
                 if let Some(mut rt) = fields.remove(REFRESH_TOKEN) {
                     wipe_json(&mut rt);
                 }
-                Token::from_map(fields)
+                let token = Token { fields };
+                token.check_fields(false)?;
+                Ok(token)
             }
             mut other => {
                 wipe_json(&mut other);
                 Err(TokenError::NotAnObject)
             }
         }
+    }
+
+    /// Checks that the token has every required field (a token from
+    /// [`Token::from_client`] may not, until it is merged into a stored one).
+    pub fn check_complete(&self) -> Result<(), TokenError> {
+        self.check_fields(true)
     }
 
     /// True when the token carries a non-empty refresh token.

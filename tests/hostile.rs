@@ -1103,6 +1103,19 @@ fn token_cases() -> Vec<Case> {
             invalid("st"),
         )
     };
+    // A partial token is merged into a stored one (PROTOCOL.md §7); with nothing stored
+    // to merge into, it is invalid.
+    let save_fresh = |name: &str, token: Option<Value>| {
+        let mut payload = json!({"provider":"anthropic","bucket":"nothing-stored"});
+        if let Some(t) = token {
+            payload["token"] = t;
+        }
+        case(
+            format!("save_token/{name}"),
+            req("st", "save_token", payload),
+            invalid("st"),
+        )
+    };
     let without = |field: &str| {
         let mut t = valid_token("at-new");
         t.as_object_mut().expect("object").remove(field);
@@ -1123,14 +1136,14 @@ fn token_cases() -> Vec<Case> {
         ),
         save("token_number", Some(json!(1))),
         save("token_bool", Some(json!(true))),
-        save("token_empty_object", Some(json!({}))),
-        save(
+        save_fresh("token_empty_object", Some(json!({}))),
+        save_fresh(
             "token_only_refresh_token",
             Some(json!({"refresh_token":"rt-evil"})),
         ),
-        save("missing_access_token", without("access_token")),
-        save("missing_expiry", without("expiry")),
-        save("missing_token_type", without("token_type")),
+        save_fresh("missing_access_token", without("access_token")),
+        save_fresh("missing_expiry", without("expiry")),
+        save_fresh("missing_token_type", without("token_type")),
         save("access_token_empty", with("access_token", json!(""))),
         save("access_token_number", with("access_token", json!(12345))),
         save("access_token_null", with("access_token", Value::Null)),

@@ -392,8 +392,8 @@ fn save_token_invalid_token_is_invalid_request_and_store_unchanged() {
     let mut c = ts.connect();
     let cases = [
         (
-            "missing access_token",
-            json!({"provider": "anthropic",
+            "missing access_token, nothing stored to merge into",
+            json!({"provider": "fresh",
             "token": {"expiry": 1, "token_type": "Bearer"}}),
         ),
         (
@@ -412,13 +412,13 @@ fn save_token_invalid_token_is_invalid_request_and_store_unchanged() {
             "token": {"access_token": "at-bad", "expiry": "1900000000", "token_type": "Bearer"}}),
         ),
         (
-            "missing expiry",
-            json!({"provider": "anthropic",
+            "missing expiry, nothing stored to merge into",
+            json!({"provider": "fresh",
             "token": {"access_token": "at-bad", "token_type": "Bearer"}}),
         ),
         (
-            "missing token_type",
-            json!({"provider": "anthropic",
+            "missing token_type, nothing stored to merge into",
+            json!({"provider": "fresh",
             "token": {"access_token": "at-bad", "expiry": 1}}),
         ),
         (
@@ -457,6 +457,50 @@ fn save_token_invalid_token_is_invalid_request_and_store_unchanged() {
     assert_eq!(
         ts.backend.list_buckets("anthropic").unwrap(),
         ["default", "work"]
+    );
+    assert!(ts.backend.list_buckets("fresh").unwrap().is_empty());
+}
+
+/// PROTOCOL.md §7: a partial token (only a new `access_token`) is merged into the stored
+/// one, as the llxprt-code reference server does; the missing field is named when there
+/// is nothing to merge it into.
+#[test]
+fn a_partial_token_is_merged_into_the_stored_one() {
+    let ts = TestServer::start();
+    let before = stored(&ts.backend, "anthropic", "default").expect("seeded");
+    let mut c = ts.connect();
+    let reply = c.call(
+        "1",
+        "save_token",
+        json!({"provider": "anthropic", "token": {"access_token": "at-partial"}}),
+    );
+    assert_eq!(data(&reply), &json!({}));
+    let after = stored(&ts.backend, "anthropic", "default").expect("still stored");
+    assert_eq!(after["access_token"], "at-partial");
+    for kept in ["expiry", "token_type", "refresh_token"] {
+        assert_eq!(after[kept], before[kept], "{kept} kept");
+    }
+    let reply = c.call("2", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(data(&reply)["access_token"], "at-partial");
+    assert!(data(&reply).get("refresh_token").is_none());
+
+    let reply = c.call(
+        "3",
+        "save_token",
+        json!({"provider": "anthropic", "bucket": "nothing-here", "token": {"access_token": "x"}}),
+    );
+    let message = assert_err(&reply, "3", "INVALID_REQUEST");
+    assert!(message.contains("expiry"), "{message}");
+    // A present field of the wrong type is refused before the store, stored or not.
+    let reply = c.call(
+        "4",
+        "save_token",
+        json!({"provider": "anthropic", "token": {"expiry": "soon"}}),
+    );
+    assert_err(&reply, "4", "INVALID_REQUEST");
+    assert_eq!(
+        stored(&ts.backend, "anthropic", "default").expect("kept")["access_token"],
+        "at-partial"
     );
 }
 

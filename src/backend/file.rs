@@ -427,7 +427,7 @@ impl Backend for FileBackend {
                 None => incoming,
             },
         };
-        super::check_served_len(next)?;
+        super::check_storable(next)?;
         let written = write_json(&dir, &file_name, next);
         self.invalidate();
         written

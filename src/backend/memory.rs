@@ -131,7 +131,7 @@ impl Backend for MemoryBackend {
             (SaveMode::Merge, Some(stored)) => stored.token()?.merge(incoming),
             _ => incoming.clone(),
         };
-        super::check_served_len(&token)?;
+        super::check_storable(&token)?;
         let buckets = c.tokens.entry(provider.to_owned()).or_default();
         let stored = Stored {
             token: token.locked_json(),

@@ -54,6 +54,10 @@ pub enum StoreError {
     /// A name failed validation inside the backend.
     #[error("invalid name refused by the store")]
     InvalidName,
+    /// The token to store is not complete: a partial token from the sandbox with nothing
+    /// stored to merge it into. Nothing was written; the text names the missing field.
+    #[error("invalid token: {0}")]
+    InvalidToken(crate::token::TokenError),
     /// A token whose served form would be larger than a reply frame can carry
     /// ([`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN)); nothing was
     /// written.
@@ -69,8 +73,10 @@ pub enum StoreError {
     Cleared,
 }
 
-/// Refuses (nothing written) a token that could not be served in one reply frame.
-pub(crate) fn check_served_len(token: &Token) -> Result<(), StoreError> {
+/// Refuses (nothing written) a token that is incomplete (a partial token with nothing
+/// to merge it into), or that could not be served in one reply frame.
+pub(crate) fn check_storable(token: &Token) -> Result<(), StoreError> {
+    token.check_complete().map_err(StoreError::InvalidToken)?;
     let len = token.served_len();
     let limit = crate::protocol::MAX_SERVED_TOKEN_LEN;
     if len > limit {
@@ -109,7 +115,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn get_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError>;
 
     /// Stores `incoming` for `provider:bucket` (read, merge or replace, write, as one atomic
-    /// step under the store's lock). A result whose served form would exceed
+    /// step under the store's lock). `incoming` may be partial (PROTOCOL.md §7) when it is
+    /// merged into a stored token; an incomplete result is refused with
+    /// [`StoreError::InvalidToken`]. A result whose served form would exceed
     /// [`MAX_SERVED_TOKEN_LEN`](crate::protocol::MAX_SERVED_TOKEN_LEN) is refused with
     /// [`StoreError::TooLarge`] and nothing is written, so every stored token can be served.
     fn save_token(
