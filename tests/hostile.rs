@@ -1092,8 +1092,9 @@ fn payload_cases() -> Vec<Case> {
 }
 
 fn token_cases() -> Vec<Case> {
-    let save = |name: &str, token: Option<Value>| {
-        let mut payload = json!({"provider":"anthropic","bucket":"default"});
+    // A `save_token` of `token` into `bucket` that must be refused as invalid.
+    let save_into = |bucket: &str, name: &str, token: Option<Value>| {
+        let mut payload = json!({"provider":"anthropic","bucket":bucket});
         if let Some(t) = token {
             payload["token"] = t;
         }
@@ -1103,19 +1104,10 @@ fn token_cases() -> Vec<Case> {
             invalid("st"),
         )
     };
+    let save = |name: &str, token: Option<Value>| save_into("default", name, token);
     // A partial token is merged into a stored one (PROTOCOL.md §7); with nothing stored
     // to merge into, it is invalid.
-    let save_fresh = |name: &str, token: Option<Value>| {
-        let mut payload = json!({"provider":"anthropic","bucket":"nothing-stored"});
-        if let Some(t) = token {
-            payload["token"] = t;
-        }
-        case(
-            format!("save_token/{name}"),
-            req("st", "save_token", payload),
-            invalid("st"),
-        )
-    };
+    let save_fresh = |name: &str, token: Option<Value>| save_into("nothing-stored", name, token);
     let without = |field: &str| {
         let mut t = valid_token("at-new");
         t.as_object_mut().expect("object").remove(field);
