@@ -188,3 +188,21 @@ fn cmd_gets_the_users_core_limit_back() {
         "exec's own core limit: {exec_limit:?}"
     );
 }
+
+/// Credential carriers without the usual endings are named too: an SSH agent socket (the
+/// sandbox could sign with it), `*_APIKEY`, `*_CREDENTIALS`.
+#[test]
+fn the_warning_names_ssh_agents_and_credential_files() {
+    let f = Fixture::new();
+    let envs = [
+        ("SSH_AUTH_SOCK", "/tmp/ssh-CANARY/agent.1"),
+        ("ACME_APIKEY", "CANARY-APIKEY-55"),
+        ("GOOGLE_APPLICATION_CREDENTIALS", "/home/u/CANARY-sa.json"),
+    ];
+    let run = exec(&f, &[], &["true"], &envs);
+    assert_eq!(run.code(), Some(0), "{run:?}");
+    for (name, value) in envs {
+        assert!(run.stderr.contains(name), "{name} not named: {run:?}");
+        assert!(!run.stderr.contains(value), "{name}'s value shown: {run:?}");
+    }
+}

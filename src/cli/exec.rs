@@ -131,21 +131,28 @@ enum Event {
 
 /// Name endings (compared in upper case) of variables that look like credentials; a whole
 /// name equal to one without its `_` counts too (`TOKEN`, `API_KEY`).
-const CREDENTIAL_SUFFIXES: [&str; 6] = [
+const CREDENTIAL_SUFFIXES: [&str; 8] = [
     "_API_KEY",
+    "_APIKEY",
     "_TOKEN",
     "_SECRET",
     "_SECRET_KEY",
     "_ACCESS_KEY",
     "_PASSWORD",
+    "_CREDENTIALS",
 ];
+
+/// Whole names (upper case) that carry a credential without such an ending: a live SSH
+/// agent, which would sign for the sandbox.
+const CREDENTIAL_NAMES: [&str; 1] = ["SSH_AUTH_SOCK"];
 
 /// True when the variable `name` looks like it holds a credential.
 fn looks_like_credential(name: &str) -> bool {
     let name = name.to_ascii_uppercase();
-    CREDENTIAL_SUFFIXES
-        .iter()
-        .any(|suffix| name.ends_with(suffix) || name == suffix[1..])
+    CREDENTIAL_NAMES.contains(&name.as_str())
+        || CREDENTIAL_SUFFIXES
+            .iter()
+            .any(|suffix| name.ends_with(suffix) || name == suffix[1..])
 }
 
 /// Marks every descriptor above stderr that `exec` inherited close-on-exec, so CMD does not
