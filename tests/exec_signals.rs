@@ -322,3 +322,31 @@ fn signals_that_concern_exec_alone_are_dropped_and_never_kill_it() {
         assert_eq!(status.code(), Some(9), "{signal}: output: {:?}", out.text);
     }
 }
+
+/// The escalation kills CMD's whole group when CMD leads one (it called setsid): a child
+/// it started does not outlive exec and its proxy (review finding).
+#[test]
+fn escalation_kills_the_group_of_a_cmd_that_leads_one() {
+    let f = Fixture::new();
+    // CMD ignores the stop signals (so the first cannot end it before the second comes),
+    // leads its own group, and has a child in it.
+    let script = "exec setsid /bin/sh -c 'trap \"\" TERM INT; sleep 300 & echo \"child-$!\"; wait'";
+    let (mut guard, mut out) = spawn_exec(&f, script);
+    out.wait_for_line("child-");
+    let child = Pid::from_raw(out.number_after("child-"));
+    assert!(kill(child, None).is_ok(), "the grandchild runs");
+    guard.signal(Signal::SIGTERM);
+    guard.signal(Signal::SIGINT);
+    let status = guard.wait_exit("credproxy exec");
+    assert_eq!(status.code(), Some(137), "output: {:?}", out.text);
+    // Killed with its group (reaped by init, so wait until it is gone).
+    let t0 = Instant::now();
+    while kill(child, None).is_ok() && t0.elapsed() < DEADLINE {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let alive = kill(child, None).is_ok();
+    if alive {
+        let _ = kill(child, Signal::SIGKILL);
+    }
+    assert!(!alive, "the grandchild outlived the escalation");
+}

@@ -29,8 +29,10 @@
 //!   `bwrap --new-session`) did not get it and is sent it.
 //! - **Escalation**: a stop signal (SIGINT or SIGTERM) that `exec` forwarded itself, coming
 //!   within [`ESCALATION_WINDOW`] (3 s) of the previous one `exec` forwarded, is turned into
-//!   SIGKILL for CMD ("I mean it"). Terminal signals CMD already got never count, so an
-//!   interactive CMD that uses Ctrl-C to cancel an operation survives any number of them;
+//!   SIGKILL for CMD ("I mean it"), and for CMD's whole process group when CMD leads one
+//!   (`setsid`), so nothing it started outlives the proxy. Terminal signals CMD already
+//!   got never count, so an interactive CMD that uses Ctrl-C to cancel an operation
+//!   survives any number of them;
 //!   two stop signals further apart are both forwarded.
 //! - **Dropped** (caught, logged at debug): SIGVTALRM, SIGPROF (profiling timers of
 //!   `exec` itself), SIGXCPU, SIGXFSZ (resource limits of `exec` itself; a write past
@@ -380,6 +382,12 @@ impl Relay {
         {
             tracing::warn!(signal = %sig, window = ?ESCALATION_WINDOW,
                 "second stop signal within the window: killing the command");
+            // A CMD that made itself a group leader (`setsid`, `bwrap --new-session`) has
+            // children that no signal of ours reaches otherwise: the kill takes its whole
+            // group, so nothing it started outlives the proxy.
+            if getpgid(Some(self.pid)) == Ok(self.pid) {
+                let _ = nix::sys::signal::killpg(self.pid, Signal::SIGKILL);
+            }
             let _ = kill(self.pid, Signal::SIGKILL);
             return;
         }
