@@ -46,6 +46,30 @@ fn exec_args(f: &Fixture, script: &str) -> Vec<String> {
     args
 }
 
+/// `credproxy exec ... -- /bin/sh -c SCRIPT` under `setsid --ctty` on a new pty: exec
+/// leads a new session whose controlling terminal is the pty, so it and CMD are the pty's
+/// foreground process group, as under an interactive shell. Returns the guard, the pty's
+/// master (to type on) and what the terminal shows.
+fn exec_on_pty(f: &Fixture, script: &str) -> (ChildGuard, File, Output) {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = File::from(pty.slave);
+    let mut cmd = Command::new("setsid");
+    cmd.arg("--ctty")
+        .arg(BIN)
+        .args(exec_args(f, script))
+        .env_remove("RUST_LOG")
+        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave));
+    let child = cmd.spawn().expect("spawn setsid --ctty credproxy exec");
+    drop(cmd);
+    let guard = ChildGuard::new(child, false);
+    let master = File::from(pty.master);
+    let out = Output::read(master.try_clone().expect("dup master"));
+    (guard, master, out)
+}
+
 /// Everything a child wrote on its output, read on a thread and matched against.
 struct Output {
     chunks: Receiver<Vec<u8>>,
@@ -124,24 +148,7 @@ fn ctrl_c_on_the_terminal_never_kills_an_interactive_cmd() {
                   trap 'echo \"term-after-$n\"; exit 9' TERM\n\
                   echo \"ready-$$-$PPID\"\n\
                   while kill -0 $PPID 2>/dev/null; do sleep 0.05; done";
-    let pty = nix::pty::openpty(None, None).expect("openpty");
-    let slave = File::from(pty.slave);
-    // `setsid --ctty`: exec leads a new session whose controlling terminal is the pty, so
-    // it and CMD are the pty's foreground process group, as under an interactive shell.
-    let mut cmd = Command::new("setsid");
-    cmd.arg("--ctty")
-        .arg(BIN)
-        .args(exec_args(&f, script))
-        .env_remove("RUST_LOG")
-        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
-        .stdin(Stdio::from(slave.try_clone().expect("dup")))
-        .stdout(Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(Stdio::from(slave));
-    let child = cmd.spawn().expect("spawn setsid --ctty credproxy exec");
-    drop(cmd);
-    let mut guard = ChildGuard::new(child, false);
-    let mut master = File::from(pty.master);
-    let mut out = Output::read(master.try_clone().expect("dup master"));
+    let (mut guard, mut master, mut out) = exec_on_pty(&f, script);
     out.wait_for_line("ready-");
     let cmd_pid = Pid::from_raw(out.number_after("ready-"));
     let exec_pid = guard.pid();
@@ -240,22 +247,7 @@ fn terminal_ctrl_c_is_forwarded_to_a_cmd_in_its_own_session_and_counts() {
     .expect("write script");
     let script = format!("exec setsid /bin/sh {}", path_str(&inner));
     let script = script.as_str();
-    let pty = nix::pty::openpty(None, None).expect("openpty");
-    let slave = File::from(pty.slave);
-    let mut cmd = Command::new("setsid");
-    cmd.arg("--ctty")
-        .arg(BIN)
-        .args(exec_args(&f, script))
-        .env_remove("RUST_LOG")
-        .env_remove("LLXPRT_CREDENTIAL_SOCKET")
-        .stdin(Stdio::from(slave.try_clone().expect("dup")))
-        .stdout(Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(Stdio::from(slave));
-    let child = cmd.spawn().expect("spawn setsid --ctty credproxy exec");
-    drop(cmd);
-    let mut guard = ChildGuard::new(child, false);
-    let mut master = File::from(pty.master);
-    let mut out = Output::read(master.try_clone().expect("dup master"));
+    let (mut guard, mut master, mut out) = exec_on_pty(&f, script);
     out.wait_for_line("ready-");
     let cmd_pid = Pid::from_raw(out.number_after("ready-"));
     master.write_all(b"\x03").expect("write Ctrl-C");

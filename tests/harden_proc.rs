@@ -35,6 +35,19 @@ const READING: &[&str] = &[
 /// The probe itself (when started with its target) and its positive control: against a
 /// plain process of the same uid holding a canary in its environment, every means works
 /// and finds the canary, so the denials below are credproxy's doing, not the machine's.
+/// Runs the probe helper as [`USER`] against process `pid`, looking for `home`'s canaries.
+fn probe_pid(home: &UserHome, pid: &str) -> common::process::Run {
+    run_as(
+        probe::helper_binary(),
+        &probe::helper_args("probe_helper"),
+        b"",
+        &[
+            (probe::TARGET_VAR, OsStr::new(pid)),
+            (probe::CANARIES_VAR, home.canaries.as_os_str()),
+        ],
+    )
+}
+
 #[test]
 fn probe_helper() {
     probe::run_if_probe();
@@ -57,15 +70,7 @@ fn probe_helper() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let run = run_as(
-        probe::helper_binary(),
-        &probe::helper_args("probe_helper"),
-        b"",
-        &[
-            (probe::TARGET_VAR, OsStr::new(&pid)),
-            (probe::CANARIES_VAR, home.canaries.as_os_str()),
-        ],
-    );
+    let run = probe_pid(&home, &pid);
     control.kill();
     let report = Report::parse(&run.stdout);
     for means in READING {
@@ -145,15 +150,7 @@ fn a_sibling_of_serve_cannot_read_it() {
     let served = server.fetch_token("anthropic");
     assert!(served.contains(ACCESS), "served: {served}");
     let pid = server.child.pid().to_string();
-    let run = run_as(
-        probe::helper_binary(),
-        &probe::helper_args("probe_helper"),
-        b"",
-        &[
-            (probe::TARGET_VAR, OsStr::new(&pid)),
-            (probe::CANARIES_VAR, home.canaries.as_os_str()),
-        ],
-    );
+    let run = probe_pid(&home, &pid);
     assert_sealed("sibling of serve", &Report::parse(&run.stdout));
     assert!(server.child.running(), "the server survived the probe");
 }
@@ -197,15 +194,7 @@ fn the_store_command_is_sealed_while_it_reads_the_secret() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let run = run_as(
-        probe::helper_binary(),
-        &probe::helper_args("probe_helper"),
-        b"",
-        &[
-            (probe::TARGET_VAR, OsStr::new(&pid)),
-            (probe::CANARIES_VAR, home.canaries.as_os_str()),
-        ],
-    );
+    let run = probe_pid(&home, &pid);
     assert_sealed("store token set", &Report::parse(&run.stdout));
     drop(stdin);
     let status = child.wait_exit("store token set");
