@@ -165,7 +165,31 @@ impl Token {
     /// The form a `get_token` reply carries: every field but `refresh_token`, serialized
     /// once into a shared buffer (see [`ServedToken`]).
     pub fn served(&self) -> ServedToken {
-        ServedToken(Arc::new(locked_json(&WithoutRefresh(&self.fields))))
+        ServedToken {
+            bytes: Arc::new(locked_json(&WithoutRefresh(&self.fields))),
+            expiry: self.expiry(),
+            has_refresh_token: self.has_refresh_token(),
+        }
+    }
+
+    /// The `expiry` field in whole epoch seconds (a fraction is cut off; a negative or
+    /// missing one is 0, which counts as expired).
+    pub fn expiry(&self) -> u64 {
+        match self.fields.get("expiry") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| n.as_f64().filter(|f| *f > 0.0).map(|f| f as u64))
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// The refresh token, when the token carries a non-empty one. Callers must not log it.
+    pub fn refresh_token(&self) -> Option<&str> {
+        match self.fields.get(REFRESH_TOKEN) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            _ => None,
+        }
     }
 
     /// The whole token (with `refresh_token`) as JSON text in [`LockedBytes`], written in
@@ -266,13 +290,31 @@ impl io::Write for ByteCount {
 /// token is served without copying or re-serializing it; the bytes are wiped when the last
 /// clone is dropped. The bytes live in [`LockedBytes`] (excluded from core dumps, locked
 /// against swap where the limit allows). `Debug` shows the length only.
+///
+/// Beside the bytes it keeps what `get_token` needs to decide on a refresh without parsing
+/// them: the expiry, and whether the stored token (not this sanitized copy) has a refresh
+/// token.
 #[derive(Clone)]
-pub struct ServedToken(Arc<LockedBytes>);
+pub struct ServedToken {
+    bytes: Arc<LockedBytes>,
+    expiry: u64,
+    has_refresh_token: bool,
+}
 
 impl ServedToken {
     /// The JSON object text. Callers must not log it.
     pub fn json(&self) -> &[u8] {
-        self.0.as_slice()
+        self.bytes.as_slice()
+    }
+
+    /// The stored token's `expiry`, epoch seconds (see [`Token::expiry`]).
+    pub fn expiry(&self) -> u64 {
+        self.expiry
+    }
+
+    /// True when the stored token this was served from has a refresh token.
+    pub fn has_refresh_token(&self) -> bool {
+        self.has_refresh_token
     }
 
     /// Parses the text back into a [`Token`] (tests and tools; not on the request path).

@@ -6,10 +6,12 @@
 //! against swap (see [`crate::memory`]); a [`Token`] is parsed back only for the rare
 //! `get_token` (merge, tools), never to serve one.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::{check_name as check, Backend, SaveMode, StoreError};
+use super::{
+    check_name as check, Backend, RefreshLock, RefreshState, RefreshWrite, SaveMode, StoreError,
+};
 use crate::memory::LockedBytes;
 use crate::names::NameKind;
 use crate::secret::Secret;
@@ -37,13 +39,38 @@ struct Contents {
     /// provider → bucket → token; BTreeMaps so that lists come out sorted.
     tokens: BTreeMap<String, BTreeMap<String, Stored>>,
     keys: BTreeMap<String, Secret>,
+    /// (provider, bucket) → refresh bookkeeping.
+    states: HashMap<(String, String), RefreshState>,
     cleared: bool,
+}
+
+/// The refresh locks held: (provider, bucket) of each, and a condition to wait on.
+#[derive(Default)]
+struct RefreshLocks {
+    held: Mutex<HashSet<(String, String)>>,
+    freed: Condvar,
+}
+
+/// A held refresh lock of the memory backend; frees its key when dropped.
+struct HeldRefresh {
+    locks: Arc<RefreshLocks>,
+    key: (String, String),
+}
+
+impl Drop for HeldRefresh {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.key);
+        drop(held);
+        self.locks.freed.notify_all();
+    }
 }
 
 /// An in-memory credential store.
 #[derive(Default)]
 pub struct MemoryBackend {
     contents: Mutex<Contents>,
+    refresh_locks: Arc<RefreshLocks>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -138,11 +165,16 @@ impl Backend for MemoryBackend {
             served: token.served(),
         };
         buckets.insert(bucket.to_owned(), stored);
+        // A saved token is a new login as far as refresh is concerned.
+        if let Some(state) = c.states.get_mut(&(provider.to_owned(), bucket.to_owned())) {
+            state.needs_login = None;
+        }
         Ok(())
     }
 
     fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
         let mut c = self.lock()?;
+        c.states.remove(&(provider.to_owned(), bucket.to_owned()));
         let Some(buckets) = c.tokens.get_mut(provider) else {
             return Ok(false);
         };
@@ -183,11 +215,76 @@ impl Backend for MemoryBackend {
         Ok(self.lock()?.keys.keys().cloned().collect())
     }
 
+    fn refresh_lock(&self, provider: &str, bucket: &str) -> Result<RefreshLock, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let key = (provider.to_owned(), bucket.to_owned());
+        let locks = &self.refresh_locks;
+        let mut held = locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        while held.contains(&key) {
+            held = locks.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.insert(key.clone());
+        Ok(RefreshLock::new(HeldRefresh {
+            locks: Arc::clone(locks),
+            key,
+        }))
+    }
+
+    fn refresh_state(&self, provider: &str, bucket: &str) -> Result<RefreshState, StoreError> {
+        let c = self.lock()?;
+        Ok(c.states
+            .get(&(provider.to_owned(), bucket.to_owned()))
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    fn finish_refresh(
+        &self,
+        provider: &str,
+        bucket: &str,
+        decide: &mut dyn FnMut(Option<&Token>) -> RefreshWrite,
+    ) -> Result<bool, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let mut c = self.lock()?;
+        let stored = c
+            .tokens
+            .get(provider)
+            .and_then(|b| b.get(bucket))
+            .map(Stored::token)
+            .transpose()?;
+        let key = (provider.to_owned(), bucket.to_owned());
+        match decide(stored.as_ref()) {
+            RefreshWrite::Nothing => Ok(false),
+            RefreshWrite::NeedsLogin(mark) => {
+                c.states.entry(key).or_default().needs_login = Some(mark);
+                Ok(true)
+            }
+            RefreshWrite::Token { token, at } => {
+                super::check_storable(&token)?;
+                let stored = Stored {
+                    token: token.locked_json(),
+                    served: token.served(),
+                };
+                c.tokens
+                    .entry(provider.to_owned())
+                    .or_default()
+                    .insert(bucket.to_owned(), stored);
+                let state = c.states.entry(key).or_default();
+                state.refreshed_at = Some(at);
+                state.needs_login = None;
+                Ok(true)
+            }
+        }
+    }
+
     fn clear(&self) {
         let mut c = self.contents.lock().unwrap_or_else(|e| e.into_inner());
         // Dropping the Tokens, ServedTokens and Secrets wipes their memory.
         c.tokens.clear();
         c.keys.clear();
+        c.states.clear();
         c.cleared = true;
     }
 }

@@ -105,6 +105,69 @@ pub enum SaveMode {
     Replace,
 }
 
+/// Per provider:bucket refresh bookkeeping kept in the store beside the token, so every
+/// server and host command on one store sees it (PROTOCOL.md §14). Never a secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshState {
+    /// Epoch seconds of the last successful refresh, by any process: the cooldown counts
+    /// from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_at: Option<u64>,
+    /// Set by an auth failure: the refresh token was refused and the bucket needs a new
+    /// login. Cleared when a token is saved for the bucket again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_login: Option<NeedsLogin>,
+}
+
+/// Why a bucket needs a new login: what the token endpoint answered (no body text).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeedsLogin {
+    /// Epoch seconds of the refusal.
+    pub since: u64,
+    /// The HTTP status.
+    pub status: u16,
+    /// The OAuth `error` code, when it was a plain code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// What [`Backend::finish_refresh`] writes, decided under the store lock from the token
+/// stored at that moment.
+#[derive(Debug)]
+pub enum RefreshWrite {
+    /// Store this token (replacing the stored one) and record `refreshed_at = at`, clearing
+    /// any needs-login mark.
+    Token {
+        /// The refreshed token, merged by the caller.
+        token: Token,
+        /// Epoch seconds of the refresh.
+        at: u64,
+    },
+    /// Mark the bucket as needing a new login; the token is left as it is.
+    NeedsLogin(NeedsLogin),
+    /// Change nothing (the token was removed or replaced meanwhile).
+    Nothing,
+}
+
+/// The refresh lock of one provider:bucket (see [`Backend::refresh_lock`]); released when
+/// dropped.
+pub struct RefreshLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl RefreshLock {
+    /// Wraps whatever holds the lock (a `flock`ed file, a guard).
+    pub fn new(held: impl Send + Sync + 'static) -> RefreshLock {
+        RefreshLock(Box::new(held))
+    }
+}
+
+impl std::fmt::Debug for RefreshLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshLock")
+    }
+}
+
 /// A credential store. Every method is atomic with respect to every other caller,
 /// including other processes sharing a file store.
 pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
@@ -148,6 +211,31 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every API key name, sorted.
     fn list_keys(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Takes the refresh lock of `provider:bucket`, waiting while another refresh of the
+    /// same bucket holds it, in this process or in any other process sharing the store.
+    /// A refresh holds it from the re-read of the stored token, across the call to the
+    /// token endpoint, to [`Backend::finish_refresh`], so two refreshes of one bucket never
+    /// send the same refresh token. Saves and removes do not take it (they take the short
+    /// store lock only, and are never held up by a slow token endpoint); a refresh
+    /// therefore writes through [`Backend::finish_refresh`], which re-checks the stored
+    /// token under the store lock.
+    fn refresh_lock(&self, provider: &str, bucket: &str) -> Result<RefreshLock, StoreError>;
+
+    /// The refresh bookkeeping of `provider:bucket` (default when none is recorded).
+    fn refresh_state(&self, provider: &str, bucket: &str) -> Result<RefreshState, StoreError>;
+
+    /// Ends a refresh, as one atomic step under the store lock: reads the stored token,
+    /// asks `decide` what to write, and writes it (a token through the same checks as
+    /// [`Backend::save_token`]). `decide` sees `None` when no token is stored (it was
+    /// removed meanwhile: removal wins, so it must answer [`RefreshWrite::Nothing`]).
+    /// Returns what was decided was written: true when something was written.
+    fn finish_refresh(
+        &self,
+        provider: &str,
+        bucket: &str,
+        decide: &mut dyn FnMut(Option<&Token>) -> RefreshWrite,
+    ) -> Result<bool, StoreError>;
 
     /// Wipes every secret this backend holds in memory (called by shutdown): the memory
     /// backend's contents, the file backend's read cache.
