@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::policy::Profile;
+use crate::refresh::RefreshConfig;
 
 /// Limits and timers (PROTOCOL.md §11). The defaults are the protocol's values.
 #[derive(Debug, Clone)]
@@ -171,6 +172,9 @@ pub struct Config {
     /// [`crate::harden::restore_core_limit`]; they are dumpable again after `execve`.
     /// `credproxy serve`, `exec` and `store` always harden.
     pub harden_process: bool,
+    /// Host-side refresh (PROTOCOL.md §14): on by default with the built-in provider
+    /// presets; an embedding host may add its own token endpoints and inject a clock.
+    pub refresh: RefreshConfig,
 }
 
 impl Config {
@@ -185,6 +189,7 @@ impl Config {
             limits: Limits::default(),
             release_memory_when_idle: false,
             harden_process: true,
+            refresh: RefreshConfig::default(),
         }
     }
 }

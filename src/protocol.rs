@@ -34,11 +34,19 @@ pub enum ErrorCode {
     ResourceExhausted,
     /// The store failed or timed out.
     InternalError,
+    /// The token cannot be refreshed on the host: no token endpoint for the provider, or
+    /// no refresh token stored (§14).
+    RefreshNotAvailable,
+    /// The token endpoint refused the refresh token: a new login on the host is needed
+    /// (§14).
+    ReauthRequired,
+    /// A refresh failed for another reason, after its retries (§14).
+    RefreshFailed,
 }
 
 impl ErrorCode {
     /// Every code, in the order of PROTOCOL.md §10.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownVersion,
         ErrorCode::Unauthorized,
@@ -47,6 +55,9 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::ResourceExhausted,
         ErrorCode::InternalError,
+        ErrorCode::RefreshNotAvailable,
+        ErrorCode::ReauthRequired,
+        ErrorCode::RefreshFailed,
     ];
 
     /// The code as it appears on the wire.
@@ -60,6 +71,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::ResourceExhausted => "RESOURCE_EXHAUSTED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
+            ErrorCode::RefreshNotAvailable => "REFRESH_NOT_AVAILABLE",
+            ErrorCode::ReauthRequired => "REAUTH_REQUIRED",
+            ErrorCode::RefreshFailed => "REFRESH_FAILED",
         }
     }
 
@@ -96,11 +110,13 @@ pub enum Op {
     ListApiKeys,
     /// `has_api_key`
     HasApiKey,
+    /// `refresh_token` (§14)
+    RefreshToken,
 }
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::GetToken,
         Op::SaveToken,
         Op::RemoveToken,
@@ -110,6 +126,7 @@ impl Op {
         Op::GetApiKey,
         Op::ListApiKeys,
         Op::HasApiKey,
+        Op::RefreshToken,
     ];
 
     /// The operation's wire name.
@@ -124,6 +141,7 @@ impl Op {
             Op::GetApiKey => "get_api_key",
             Op::ListApiKeys => "list_api_keys",
             Op::HasApiKey => "has_api_key",
+            Op::RefreshToken => "refresh_token",
         }
     }
 
@@ -327,6 +345,13 @@ pub enum Request {
         /// Key name.
         name: String,
     },
+    /// `refresh_token` (§14)
+    RefreshToken {
+        /// Provider name.
+        provider: String,
+        /// Bucket name (`default` when omitted).
+        bucket: String,
+    },
 }
 
 fn name_field(field: &Option<Scalar<'_>>, name: &str, kind: NameKind) -> Result<String, Rejection> {
@@ -360,6 +385,10 @@ impl Request {
                 bucket: bucket_field(&payload)?,
             },
             Op::GetBucketStats => Request::GetBucketStats {
+                provider: provider(&payload)?,
+                bucket: bucket_field(&payload)?,
+            },
+            Op::RefreshToken => Request::RefreshToken {
                 provider: provider(&payload)?,
                 bucket: bucket_field(&payload)?,
             },
@@ -403,6 +432,7 @@ impl Request {
             Request::GetApiKey { .. } => Op::GetApiKey,
             Request::ListApiKeys => Op::ListApiKeys,
             Request::HasApiKey { .. } => Op::HasApiKey,
+            Request::RefreshToken { .. } => Op::RefreshToken,
         }
     }
 
@@ -415,7 +445,8 @@ impl Request {
                 provider, bucket, ..
             }
             | Request::RemoveToken { provider, bucket }
-            | Request::GetBucketStats { provider, bucket } => {
+            | Request::GetBucketStats { provider, bucket }
+            | Request::RefreshToken { provider, bucket } => {
                 t.provider = Some(provider);
                 t.bucket = Some(bucket);
             }

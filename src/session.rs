@@ -31,6 +31,9 @@ use crate::protocol::{
     self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request, MAX_SERVED_TOKEN_LEN,
 };
 use crate::rate_limit::RateLimiter;
+use crate::refresh::engine::{Changed, Refresh, Refresher};
+use crate::refresh::flow::{FlowError, Reason};
+use crate::refresh::BucketKey;
 use crate::store::{self, CredentialStore};
 
 /// Read buffer a new connection starts with; it grows to fit the frames actually sent.
@@ -51,6 +54,31 @@ pub struct Shared {
     pub closed: Recipient<SessionClosed>,
     /// Limits and timers.
     pub limits: Limits,
+    /// The refresh engine.
+    pub refresher: Addr<Refresher>,
+    /// When `get_token` asks the refresh engine first.
+    pub refresh: RefreshGate,
+}
+
+/// What a session needs to tell, without asking anyone, whether a token `get_token` read
+/// must be refreshed first (PROTOCOL.md §14).
+#[derive(Debug, Clone)]
+pub struct RefreshGate {
+    /// Host-side refresh is on.
+    pub enabled: bool,
+    /// The providers with a token endpoint.
+    pub providers: Arc<std::collections::BTreeSet<String>>,
+    /// A token expiring within this margin (or expired) is refreshed first.
+    pub margin: std::time::Duration,
+    /// Epoch seconds.
+    pub clock: crate::refresh::Clock,
+}
+
+impl RefreshGate {
+    /// True when tokens of `provider` may be refreshed by `get_token`.
+    fn covers(&self, provider: &str) -> bool {
+        self.enabled && self.providers.contains(provider)
+    }
 }
 
 /// Who is on the other end, from `SO_PEERCRED`.
@@ -622,12 +650,12 @@ async fn filtered(
 /// policy filters instead).
 fn subject_of(request: &Request) -> Option<Subject> {
     Some(match request {
-        Request::GetToken { provider, bucket } | Request::GetBucketStats { provider, bucket } => {
-            Subject::Read {
-                provider: provider.clone(),
-                bucket: bucket.clone(),
-            }
-        }
+        Request::GetToken { provider, bucket }
+        | Request::GetBucketStats { provider, bucket }
+        | Request::RefreshToken { provider, bucket } => Subject::Read {
+            provider: provider.clone(),
+            bucket: bucket.clone(),
+        },
         Request::SaveToken {
             provider, bucket, ..
         }
@@ -651,6 +679,10 @@ fn is_subject_of(subject: &Subject, request: &Request) -> bool {
                 bucket: b,
             }
             | Request::GetBucketStats {
+                provider: p,
+                bucket: b,
+            }
+            | Request::RefreshToken {
                 provider: p,
                 bucket: b,
             },
@@ -708,11 +740,27 @@ async fn run(
     match request {
         Request::GetToken { provider, bucket } => {
             let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
-            match store.send(store::GetToken { provider, bucket }).await {
-                Ok(Ok(Some(token))) => Ok(ReplyData::Token(token)),
-                Ok(Ok(None)) => Err(not_found("token")),
-                _ => Err(internal()),
+            // The names are kept (copied) only for a provider that may need a refresh.
+            let gate = Some(&sh.refresh).filter(|g| g.covers(&provider));
+            let names = gate.map(|_| (provider.clone(), bucket.clone()));
+            let token = match store.send(store::GetToken { provider, bucket }).await {
+                Ok(Ok(Some(token))) => token,
+                Ok(Ok(None)) => return Err(not_found("token")),
+                _ => return Err(internal()),
+            };
+            if let (Some(gate), Some((provider, bucket))) = (gate, names) {
+                let now = gate.clock.now();
+                if token.has_refresh_token()
+                    && crate::refresh::schedule::is_due(token.expiry(), now, gate.margin)
+                {
+                    return refresh(sh, provider, bucket, Reason::Due).await;
+                }
             }
+            Ok(ReplyData::Token(token))
+        }
+        Request::RefreshToken { provider, bucket } => {
+            let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
+            refresh(sh, provider, bucket, Reason::Explicit).await
         }
         Request::SaveToken {
             provider,
@@ -725,8 +773,15 @@ async fn run(
                 bucket,
                 token,
             };
+            let key = BucketKey {
+                provider: save.provider.clone(),
+                bucket: save.bucket.clone(),
+            };
             match store.send(save).await {
-                Ok(Ok(store::Saved::Written)) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(store::Saved::Written)) => {
+                    sh.refresher.do_send(Changed { key });
+                    Ok(ReplyData::Json(json!({})))
+                }
                 Ok(Ok(store::Saved::Invalid(e))) => {
                     Err(Rejection::new(ErrorCode::InvalidRequest, e.to_string()))
                 }
@@ -742,8 +797,15 @@ async fn run(
         }
         Request::RemoveToken { provider, bucket } => {
             let (provider, bucket) = check(write(provider, bucket)).await?.into_names();
+            let key = BucketKey {
+                provider: provider.clone(),
+                bucket: bucket.clone(),
+            };
             match store.send(store::RemoveToken { provider, bucket }).await {
-                Ok(Ok(())) => Ok(ReplyData::Json(json!({}))),
+                Ok(Ok(())) => {
+                    sh.refresher.do_send(Changed { key });
+                    Ok(ReplyData::Json(json!({})))
+                }
                 _ => Err(internal()),
             }
         }
@@ -810,6 +872,58 @@ async fn run(
                 _ => Err(internal()),
             }
         }
+    }
+}
+
+/// Refreshes `provider:bucket` through the engine (single flight) and answers as
+/// PROTOCOL.md §14 says for `reason`.
+async fn refresh(
+    sh: &Shared,
+    provider: String,
+    bucket: String,
+    reason: Reason,
+) -> Result<ReplyData, Rejection> {
+    let key = BucketKey { provider, bucket };
+    let output = sh
+        .refresher
+        .send(Refresh {
+            key: key.clone(),
+            reason,
+        })
+        .await
+        .map_err(|_| internal())?;
+    match output.answer(reason, sh.refresh.clock.now()) {
+        Ok(Some(token)) => Ok(ReplyData::Token(token)),
+        Ok(None) => Err(not_found("token")),
+        Err(e) => Err(refresh_rejection(e, &key)),
+    }
+}
+
+/// The wire answer for a refresh that gave no token. The sentences name the
+/// provider:bucket and what to do, never a cause from upstream.
+fn refresh_rejection(e: FlowError, key: &BucketKey) -> Rejection {
+    match e {
+        FlowError::NotAvailable => Rejection::new(
+            ErrorCode::RefreshNotAvailable,
+            format!(
+                "{key} cannot be refreshed on the host: the provider has no token endpoint \
+                 configured, the stored token has no refresh token, or refresh is turned off"
+            ),
+        ),
+        FlowError::Reauth => Rejection::new(
+            ErrorCode::ReauthRequired,
+            format!(
+                "the host's login for {key} has expired or was revoked: log in again on the \
+                 host (with the provider's CLI, then `credproxy store import`, or \
+                 `credproxy store token set {} --bucket {}`)",
+                key.provider, key.bucket
+            ),
+        ),
+        FlowError::Failed => Rejection::new(
+            ErrorCode::RefreshFailed,
+            format!("refreshing {key} failed; try again later (the host's log says why)"),
+        ),
+        FlowError::Store => internal(),
     }
 }
 

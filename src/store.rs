@@ -77,7 +77,7 @@ const MAX_BLOCKING_THREADS: usize = 256;
 /// thread whenever every thread is busy (so a few stuck calls never hold up the others),
 /// idle threads exit, and on shutdown it is released with `shutdown_background`, which
 /// does not wait for calls stuck in the kernel.
-struct Workers {
+pub(crate) struct Workers {
     runtime: tokio::runtime::Runtime,
 }
 
@@ -88,7 +88,7 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    fn start() -> Option<Workers> {
+    pub(crate) fn start() -> Option<Workers> {
         match tokio::runtime::Builder::new_current_thread()
             .thread_name("credproxy-store")
             .max_blocking_threads(MAX_BLOCKING_THREADS)
@@ -102,11 +102,11 @@ impl Workers {
         }
     }
 
-    fn handle(&self) -> tokio::runtime::Handle {
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
         self.runtime.handle().clone()
     }
 
-    fn release(self) {
+    pub(crate) fn release(self) {
         self.runtime.shutdown_background();
     }
 }

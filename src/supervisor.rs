@@ -42,7 +42,8 @@ use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::outbox::UnsentBudget;
 use crate::policy::{self, ScopePolicy};
-use crate::session::{self, Peer, Session, SessionClosed, Shared};
+use crate::refresh::engine::{self, Refresher};
+use crate::session::{self, Peer, RefreshGate, Session, SessionClosed, Shared};
 use crate::socket;
 use crate::store::{self, CredentialStore};
 
@@ -57,6 +58,8 @@ pub struct Supervisor {
     limits: Limits,
     store: Addr<CredentialStore>,
     policy: Addr<ScopePolicy>,
+    refresher: Addr<Refresher>,
+    refresh_gate: RefreshGate,
     shared: Option<Arc<Shared>>,
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
@@ -125,6 +128,10 @@ pub struct ShutdownReport {
     pub requests_answered: u64,
     /// Requests abandoned because the grace time ran out.
     pub requests_abandoned: u64,
+    /// The refresh engine cancelled its timers and stopped.
+    pub refresher_stopped: bool,
+    /// Refreshes still running when the grace time ran out, abandoned.
+    pub refreshes_abandoned: u64,
     /// The credential store was wiped and stopped.
     pub store_cleared: bool,
     /// The policy was cleared and stopped.
@@ -217,6 +224,18 @@ impl Supervisor {
         let connection_cap = config.limits.connection_cap();
         tracing::debug!(connection_cap, "connection cap");
         let per_pid_cap = config.limits.per_pid_cap(connection_cap);
+        let refresh_gate = RefreshGate {
+            enabled: config.refresh.settings.enabled,
+            providers: Arc::new(config.refresh.endpoints.keys().cloned().collect()),
+            margin: config.refresh.settings.margin,
+            clock: config.refresh.clock.clone(),
+        };
+        let refresher = Refresher::new(
+            Arc::clone(&config.backend),
+            config.profile.clone(),
+            config.refresh,
+        )
+        .start();
         let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();
         let policy = ScopePolicy::new(config.profile).start();
         let max_unsent_total = config.limits.max_unsent_total;
@@ -229,6 +248,8 @@ impl Supervisor {
             limits: config.limits,
             store,
             policy,
+            refresher,
+            refresh_gate,
             shared: None,
             sessions: HashMap::new(),
             next_id: 0,
@@ -322,6 +343,8 @@ impl Actor for Supervisor {
             policy: self.policy.clone(),
             closed: ctx.address().recipient(),
             limits: self.limits.clone(),
+            refresher: self.refresher.clone(),
+            refresh: self.refresh_gate.clone(),
         }));
         if let Some(listener) = self.listener.take() {
             let stream = AcceptStream {
@@ -499,12 +522,25 @@ impl Handler<Shutdown> for Supervisor {
         let wait = self.limits.shutdown_grace + self.limits.close_linger + DRAIN_MARGIN;
         let drained = tokio::time::timeout(wait, drained);
         let (store, policy) = (self.store.clone(), self.policy.clone());
+        // 2 (refresh): the scan and the renewal timers stop at once; refreshes in flight
+        // share the sessions' grace time, alongside the drain.
+        let refresher = self.refresher.send(engine::Stop {
+            grace: self.limits.shutdown_grace,
+        });
         let work = async move {
             let mut report = ShutdownReport {
                 connections_closed: count,
                 ..ShutdownReport::default()
             };
-            match drained.await {
+            let (drained, refresher) = tokio::join!(drained, refresher);
+            match refresher {
+                Ok(abandoned) => {
+                    report.refresher_stopped = true;
+                    report.refreshes_abandoned = abandoned;
+                }
+                Err(_) => tracing::warn!("the refresh engine did not answer the shutdown"),
+            }
+            match drained {
                 Ok(results) => {
                     for r in results.into_iter().flatten() {
                         report.requests_answered += r.answered;

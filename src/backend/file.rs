@@ -549,11 +549,19 @@ impl Backend for FileBackend {
         }
     }
 
-    fn refresh_lock(&self, _provider: &str, _bucket: &str) -> Result<super::RefreshLock, StoreError> {
+    fn refresh_lock(
+        &self,
+        _provider: &str,
+        _bucket: &str,
+    ) -> Result<super::RefreshLock, StoreError> {
         Err(StoreError::InvalidName) // placeholder until the file backend implements it
     }
 
-    fn refresh_state(&self, _provider: &str, _bucket: &str) -> Result<super::RefreshState, StoreError> {
+    fn refresh_state(
+        &self,
+        _provider: &str,
+        _bucket: &str,
+    ) -> Result<super::RefreshState, StoreError> {
         Err(StoreError::InvalidName) // placeholder until the file backend implements it
     }
 

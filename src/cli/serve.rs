@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::Failure;
 use crate::backend::FileBackend;
-use crate::policy::Profile;
+use crate::refresh::RefreshConfig;
 use crate::{profile, Config, Supervisor};
 
 /// `--store DIR`.
@@ -76,6 +76,18 @@ pub struct ServeArgs {
     /// [default: 0]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_connections_per_pid: Option<u64>,
+    /// Refresh a token that get_token finds expiring within SECS seconds (or expired)
+    /// before answering [default: 60]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=profile::MAX_REFRESH_LEAD))]
+    pub refresh_margin: Option<u64>,
+    /// Renew every refreshable token SECS seconds before it expires, plus a random jitter
+    /// of up to a fifth of that [default: 300]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=profile::MAX_REFRESH_LEAD))]
+    pub renew_before: Option<u64>,
+    /// Serve tokens as stored: no host-side refresh, no renewal (protocol version 1
+    /// behaviour)
+    #[arg(long)]
+    pub no_refresh: bool,
     /// Log format on stderr (level from RUST_LOG, default info)
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -117,27 +129,9 @@ pub fn open_store(arg: &StoreArg) -> Result<FileBackend, Failure> {
 
 /// Builds the server configuration: the profile file first, then the flags added to it.
 pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
-    let (mut profile, file_rate) = match &args.profile {
-        Some(path) => {
-            let loaded = profile::load(path).map_err(|e| Failure::usage(e.to_string()))?;
-            let sets_refresh = loaded.refresh.is_some()
-                || loaded.refresh_margin.is_some()
-                || loaded.renew_before.is_some()
-                || !loaded.providers.is_empty();
-            if sets_refresh {
-                // Read and checked now, so a profile written for host-side refresh is
-                // valid; the refresh engine that acts on it is not in this version.
-                tracing::warn!(
-                    profile = %path.display(),
-                    "the profile's refresh settings (refresh, refresh_margin, renew_before, \
-                     [provider.*]) are checked but not used yet: this version serves tokens \
-                     as stored, without host-side refresh"
-                );
-            }
-            (loaded.profile, loaded.rate_limit)
-        }
-        None => (Profile::default(), None),
-    };
+    let loaded = load_profile(args.profile.as_deref())?;
+    let refresh = refresh_config(&loaded, args);
+    let (mut profile, file_rate) = (loaded.profile, loaded.rate_limit);
     profile.allow_all |= args.allow_all;
     profile.read_only |= args.read_only;
     for spec in &args.allow {
@@ -149,6 +143,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     let backend = open_store(&args.store)?.with_read_cache();
     let mut config = Config::new(Arc::new(backend));
     config.profile = profile;
+    config.refresh = refresh;
     config.socket_dir = args.socket_dir.clone();
     config.extra_uids = args.allow_uid.clone();
     // The server is the whole process here: give memory back after a burst.
@@ -168,6 +163,34 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
         config.limits.idle_timeout = std::time::Duration::from_secs(secs);
     }
     Ok(config)
+}
+
+/// The profile file named by `--profile`, or an empty one.
+pub fn load_profile(path: Option<&std::path::Path>) -> Result<profile::ProfileFile, Failure> {
+    match path {
+        Some(path) => profile::load(path).map_err(|e| Failure::usage(e.to_string())),
+        None => Ok(profile::ProfileFile::default()),
+    }
+}
+
+/// The refresh configuration: the presets with the profile's `[provider.NAME]` tables, the
+/// profile's `refresh`, `refresh_margin` and `renew_before`, then the flags over them.
+pub fn refresh_config(loaded: &profile::ProfileFile, args: &ServeArgs) -> RefreshConfig {
+    let mut config = RefreshConfig::default().with_endpoints(loaded.providers.clone());
+    let settings = &mut config.settings;
+    if let Some(on) = loaded.refresh {
+        settings.enabled = on;
+    }
+    if args.no_refresh {
+        settings.enabled = false;
+    }
+    if let Some(secs) = args.refresh_margin.or(loaded.refresh_margin) {
+        settings.margin = std::time::Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.renew_before.or(loaded.renew_before) {
+        settings.renew_before = std::time::Duration::from_secs(secs);
+    }
+    config
 }
 
 /// The next delivery of an optional signal stream; never, for one left ignored.

@@ -178,6 +178,15 @@ impl Upstream {
         request: &GrantRequest<'_>,
         now: &(dyn Fn() -> u64 + Sync),
     ) -> Result<Grant, RefreshError> {
+        self.refresh_counted(request, now).await.0
+    }
+
+    /// [`Upstream::refresh`], also telling how many attempts were made (for the log).
+    pub async fn refresh_counted(
+        &self,
+        request: &GrantRequest<'_>,
+        now: &(dyn Fn() -> u64 + Sync),
+    ) -> (Result<Grant, RefreshError>, u32) {
         let deadline = Instant::now() + self.timeouts.total;
         let mut attempts = 0;
         loop {
@@ -190,16 +199,17 @@ impl Upstream {
                 },
             };
             let (why, after) = match outcome {
-                Attempt::Done(grant) => return Ok(grant),
-                Attempt::Fail(e) => return Err(e),
+                Attempt::Done(grant) => return (Ok(grant), attempts),
+                Attempt::Fail(e) => return (Err(e), attempts),
                 Attempt::Retry { why, after } => (why, after),
             };
             let pause = after.unwrap_or_else(|| self.retry.pause(attempts));
             if attempts >= self.retry.attempts || Instant::now() + pause >= deadline {
-                return Err(RefreshError::Exhausted {
+                let e = RefreshError::Exhausted {
                     attempts,
                     last: why,
-                });
+                };
+                return (Err(e), attempts);
             }
             tracing::debug!(
                 provider = %request.endpoint.provider,

@@ -5,7 +5,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use credproxy::backend::{Backend, SaveMode, StoreError};
+use credproxy::backend::{Backend, RefreshLock, RefreshState, RefreshWrite, SaveMode, StoreError};
 use credproxy::secret::Secret;
 use credproxy::token::Token;
 
@@ -21,6 +21,9 @@ pub enum Call<'a> {
     SetKey,
     RemoveKey,
     ListKeys,
+    RefreshLock,
+    RefreshState,
+    FinishRefresh,
 }
 
 /// What a test backend does before each call; an `Err` is returned instead of the call.
@@ -85,6 +88,23 @@ impl<H: Hook> Backend for Hooked<H> {
     fn list_keys(&self) -> Result<Vec<String>, StoreError> {
         self.hook.before(Call::ListKeys)?;
         self.inner.list_keys()
+    }
+    fn refresh_lock(&self, provider: &str, bucket: &str) -> Result<RefreshLock, StoreError> {
+        self.hook.before(Call::RefreshLock)?;
+        self.inner.refresh_lock(provider, bucket)
+    }
+    fn refresh_state(&self, provider: &str, bucket: &str) -> Result<RefreshState, StoreError> {
+        self.hook.before(Call::RefreshState)?;
+        self.inner.refresh_state(provider, bucket)
+    }
+    fn finish_refresh(
+        &self,
+        provider: &str,
+        bucket: &str,
+        decide: &mut dyn FnMut(Option<&Token>) -> RefreshWrite,
+    ) -> Result<bool, StoreError> {
+        self.hook.before(Call::FinishRefresh)?;
+        self.inner.finish_refresh(provider, bucket, decide)
     }
     fn clear(&self) {
         self.hook.on_clear();
