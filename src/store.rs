@@ -88,15 +88,15 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    pub(crate) fn start() -> Option<Workers> {
+    pub(crate) fn start(name: &str) -> Option<Workers> {
         match tokio::runtime::Builder::new_current_thread()
-            .thread_name("credproxy-store")
+            .thread_name(name)
             .max_blocking_threads(MAX_BLOCKING_THREADS)
             .build()
         {
             Ok(runtime) => Some(Workers { runtime }),
             Err(e) => {
-                tracing::error!(error = %e, "cannot start the store's worker pool");
+                tracing::error!(error = %e, pool = name, "cannot start a worker pool");
                 None
             }
         }
@@ -140,7 +140,7 @@ impl CredentialStore {
             return Box::pin(fut::ready(result));
         }
         if self.workers.is_none() {
-            self.workers = Workers::start();
+            self.workers = Workers::start("credproxy-store");
         }
         let Some(pool) = self.workers.as_ref().map(Workers::handle) else {
             return Box::pin(fut::ready(Err(StoreFailed)));

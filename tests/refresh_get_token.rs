@@ -3,107 +3,45 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::refresh::{access, now, refresh_config, stored, RefreshServer};
 use common::token_endpoint::{Reply, TokenEndpoint};
-use common::{allow_all, assert_err, data, short_limits, Raw};
-use credproxy::backend::{Backend, MemoryBackend};
-use credproxy::oauth::{Endpoint, EndpointOverride, RetryPolicy, Timeouts};
-use credproxy::refresh::RefreshConfig;
-use credproxy::token::Token;
-use credproxy::{Config, ServerHandle, Supervisor};
+use common::{assert_err, data};
+use credproxy::backend::{Backend, MemoryBackend, SaveMode};
+use credproxy::refresh::Clock;
 use serde_json::{json, Value};
 
-fn now() -> u64 {
-    credproxy::oauth::epoch_seconds(std::time::SystemTime::now())
+/// A memory store holding `anthropic:default` = (`at-old`, `rt-0`, `expiry`).
+fn store_with(expiry: u64) -> Arc<MemoryBackend> {
+    let memory = Arc::new(MemoryBackend::new());
+    memory
+        .insert_token("anthropic", "default", stored("at-old", "rt-0", expiry))
+        .expect("seed");
+    memory
 }
 
-fn stored(access: &str, refresh: &str, expiry: u64) -> Token {
-    Token::from_value(json!({
-        "access_token": access, "refresh_token": refresh, "expiry": expiry,
-        "token_type": "Bearer", "account_id": "acct-1"
-    }))
-    .expect("token")
+fn stored_access(memory: &MemoryBackend) -> Option<String> {
+    memory
+        .get_token("anthropic", "default")
+        .expect("read")
+        .map(|t| t.fields()["access_token"].as_str().unwrap().to_owned())
 }
 
-/// Refresh settings for the tests: the endpoint at `url` for `anthropic`, short retries.
-fn refresh_config(url: &str) -> RefreshConfig {
-    let endpoint = Endpoint::resolve(
-        "anthropic",
-        &EndpointOverride {
-            token_url: Some(url.to_owned()),
-            ..EndpointOverride::default()
-        },
-    )
-    .expect("endpoint");
-    let mut config =
-        RefreshConfig::default().with_endpoints([("anthropic".into(), endpoint)].into());
-    config.timeouts = Timeouts {
-        connect: Duration::from_secs(2),
-        attempt: Duration::from_secs(2),
-        total: Duration::from_secs(4),
-    };
-    config.retry = RetryPolicy {
-        attempts: 3,
-        backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
-    };
-    config
-}
-
-struct Server {
-    handle: Option<ServerHandle>,
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-}
-
-impl Server {
-    fn start(backend: Arc<dyn Backend>, refresh: RefreshConfig) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::new(backend);
-        config.socket_dir = Some(dir.path().to_owned());
-        config.profile = allow_all();
-        config.limits = short_limits();
-        config.refresh = refresh;
-        let handle = Supervisor::start(config).expect("start");
-        let path = handle.socket_path().to_owned();
-        Server {
-            handle: Some(handle),
-            _dir: dir,
-            path,
-        }
-    }
-
-    fn connect(&self) -> Raw {
-        let mut raw = Raw::connect(&self.path);
-        raw.handshake();
-        raw
-    }
-
-    fn shutdown(&mut self) -> credproxy::ShutdownReport {
-        self.handle
-            .take()
-            .expect("running")
-            .shutdown_blocking()
-            .expect("shutdown")
-    }
-}
-
-fn access(reply: &Value) -> String {
-    data(reply)["access_token"]
-        .as_str()
-        .expect("access_token")
-        .to_owned()
+fn stored_refresh(memory: &MemoryBackend) -> Option<String> {
+    memory
+        .get_token("anthropic", "default")
+        .expect("read")
+        .and_then(|t| t.refresh_token().map(str::to_owned))
 }
 
 #[test]
 fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored() {
     let endpoint = TokenEndpoint::start("rt-0");
-    let memory = Arc::new(MemoryBackend::new());
-    memory
-        .insert_token("anthropic", "default", stored("at-old", "rt-0", now() - 10))
-        .expect("seed");
-    let mut server = Server::start(memory.clone(), refresh_config(&endpoint.url()));
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
     let mut raw = server.connect();
     let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
     assert_eq!(access(&reply), "at-1", "{reply}");
@@ -114,8 +52,8 @@ fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored() {
     let sent = endpoint.received();
     assert_eq!(sent[0].param("refresh_token"), Some("rt-0"));
     assert_eq!(sent[0].param("grant_type"), Some("refresh_token"));
-    let t = memory.get_token("anthropic", "default").unwrap().unwrap();
-    assert_eq!(t.refresh_token(), Some("rt-1"));
+    assert_eq!(stored_refresh(&memory).as_deref(), Some("rt-1"));
+    assert_eq!(stored_access(&memory).as_deref(), Some("at-1"));
     // Fresh now: served from the store, nothing upstream.
     let reply = raw.call(
         "2",
@@ -123,52 +61,456 @@ fn an_expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored() {
         json!({"provider": "anthropic", "bucket": "default"}),
     );
     assert_eq!(access(&reply), "at-1");
-    assert_eq!(endpoint.count(), 1);
     // An explicit refresh within the cooldown does not go upstream either.
     let reply = raw.call("3", "refresh_token", json!({"provider": "anthropic"}));
     assert_eq!(access(&reply), "at-1", "{reply}");
+    assert!(data(&reply).get("refresh_token").is_none());
     assert_eq!(endpoint.count(), 1);
-    assert_eq!(endpoint.reused(), 0);
+    assert_eq!(endpoint.reused(), 0, "no refresh token was sent twice");
     let report = server.shutdown();
     assert!(report.refresher_stopped);
     assert_eq!(report.refreshes_abandoned, 0);
 }
 
+/// The llxprt v1 client asks `get_token` with a UUID id and no bucket, a little before
+/// the token expires: it gets a fresh token.
 #[test]
-fn invalid_grant_needs_login_until_a_token_is_saved() {
+fn a_v1_client_gets_a_fresh_token_for_a_nearly_expired_one() {
     let endpoint = TokenEndpoint::start("rt-0");
-    endpoint.push([Reply::error(400, "invalid_grant", "revoked")]);
+    let memory = store_with(now() + 30);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let id = "3f0c5d2e-8f6a-4d8e-9a1b-2c3d4e5f6a7b";
+    raw.send(&json!({"v": 1, "id": id, "op": "get_token", "payload": {"provider": "anthropic"}}));
+    let reply = raw.recv();
+    assert_eq!(reply["id"], id);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(access(&reply), "at-1");
+    assert_eq!(endpoint.count(), 1);
+    server.shutdown();
+}
+
+#[test]
+fn tokens_that_cannot_be_refreshed_are_served_as_stored() {
+    let endpoint = TokenEndpoint::start("rt-0");
     let memory = Arc::new(MemoryBackend::new());
+    // A provider without a token endpoint, and a token without a refresh token.
     memory
-        .insert_token("anthropic", "default", stored("at-old", "rt-0", now() - 10))
-        .expect("seed");
-    let mut server = Server::start(memory.clone(), refresh_config(&endpoint.url()));
+        .insert_token("acme", "default", stored("at-acme", "rt-acme", now() - 100))
+        .unwrap();
+    let mut bare = stored("at-bare", "x", now() - 100);
+    bare = credproxy::token::Token::from_value(json!({
+        "access_token": bare.fields()["access_token"], "expiry": now() - 100, "token_type": "Bearer"
+    }))
+    .unwrap();
+    memory.insert_token("anthropic", "bare", bare).unwrap();
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "acme"}));
+    assert_eq!(access(&reply), "at-acme", "expired, served as stored");
+    let reply = raw.call(
+        "2",
+        "get_token",
+        json!({"provider": "anthropic", "bucket": "bare"}),
+    );
+    assert_eq!(access(&reply), "at-bare");
+    let reply = raw.call("3", "refresh_token", json!({"provider": "acme"}));
+    assert_err(&reply, "3", "REFRESH_NOT_AVAILABLE");
+    let reply = raw.call(
+        "4",
+        "refresh_token",
+        json!({"provider": "anthropic", "bucket": "bare"}),
+    );
+    assert_err(&reply, "4", "REFRESH_NOT_AVAILABLE");
+    let reply = raw.call(
+        "5",
+        "refresh_token",
+        json!({"provider": "anthropic", "bucket": "none"}),
+    );
+    assert_err(&reply, "5", "NOT_FOUND");
+    let reply = raw.call(
+        "6",
+        "refresh_token",
+        json!({"provider": "anthropic", "bucket": 7}),
+    );
+    assert_err(&reply, "6", "INVALID_REQUEST");
+    assert_eq!(endpoint.count(), 0);
+    server.shutdown();
+}
+
+#[test]
+fn no_refresh_serves_tokens_as_stored() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    let memory = store_with(now() - 10);
+    let mut config = refresh_config(&endpoint.url());
+    config.settings.enabled = false;
+    let mut server = RefreshServer::start(memory.clone(), config);
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-old");
+    let reply = raw.call("2", "refresh_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "2", "REFRESH_NOT_AVAILABLE");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(endpoint.count(), 0);
+    server.shutdown();
+}
+
+/// 200 `get_token` on 50 connections for one expired token: one request upstream, and
+/// every answer is the same new token. Half omit the bucket, half name `"default"`.
+#[test]
+fn a_storm_of_get_token_makes_one_refresh() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint
+        .push([Reply::token("at-storm", 3600, Some("rt-storm")).after(Duration::from_millis(300))]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut conns: Vec<_> = (0..50).map(|_| server.connect()).collect();
+    let answers: Vec<Vec<Value>> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter_mut()
+            .enumerate()
+            .map(|(c, raw)| {
+                s.spawn(move || {
+                    for i in 0..4 {
+                        let payload = if (c + i) % 2 == 0 {
+                            json!({"provider": "anthropic"})
+                        } else {
+                            json!({"provider": "anthropic", "bucket": "default"})
+                        };
+                        raw.send(&json!({"id": format!("{c}-{i}"), "op": "get_token", "payload": payload}));
+                    }
+                    (0..4).map(|_| raw.recv()).collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let replies: Vec<&Value> = answers.iter().flatten().collect();
+    assert_eq!(replies.len(), 200);
+    for reply in replies {
+        assert_eq!(access(reply), "at-storm", "{reply}");
+    }
+    assert_eq!(endpoint.count(), 1);
+    assert_eq!(stored_refresh(&memory).as_deref(), Some("rt-storm"));
+    server.shutdown();
+}
+
+/// What the server answers and stores for each scripted failure of the token endpoint.
+#[test]
+fn failures_are_classified_retried_or_not_and_leave_the_store_unchanged() {
+    struct Case {
+        name: &'static str,
+        replies: Vec<Reply>,
+        code: &'static str,
+        calls: usize,
+    }
+    let big = vec![b'x'; 10 << 20];
+    let cases = vec![
+        Case {
+            name: "invalid_grant",
+            replies: vec![Reply::error(400, "invalid_grant", "desc-canary")],
+            code: "REAUTH_REQUIRED",
+            calls: 1,
+        },
+        Case {
+            name: "any 401",
+            replies: vec![Reply::error(401, "whatever", "no")],
+            code: "REAUTH_REQUIRED",
+            calls: 1,
+        },
+        Case {
+            name: "other 4xx",
+            replies: vec![Reply::error(400, "invalid_request", "bad")],
+            code: "REFRESH_FAILED",
+            calls: 1,
+        },
+        Case {
+            name: "three 500s",
+            replies: vec![
+                Reply::raw(500, b"oops"),
+                Reply::raw(502, b""),
+                Reply::raw(503, b""),
+            ],
+            code: "REFRESH_FAILED",
+            calls: 3,
+        },
+        Case {
+            name: "10 MiB body",
+            replies: vec![Reply::raw(200, &big)],
+            code: "REFRESH_FAILED",
+            calls: 1,
+        },
+        Case {
+            name: "10 MiB streamed",
+            replies: vec![Reply::endless(10 << 20)],
+            code: "REFRESH_FAILED",
+            calls: 1,
+        },
+        Case {
+            name: "not JSON",
+            replies: vec![Reply::raw(200, b"<html>hello</html>")],
+            code: "REFRESH_FAILED",
+            calls: 1,
+        },
+        Case {
+            name: "no access_token",
+            replies: vec![Reply::json(
+                200,
+                json!({"token_type": "Bearer", "expires_in": 60}),
+            )],
+            code: "REFRESH_FAILED",
+            calls: 1,
+        },
+    ];
+    for case in cases {
+        let endpoint = TokenEndpoint::start("rt-0");
+        endpoint.push(case.replies);
+        let memory = store_with(now() - 10);
+        let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+        let mut raw = server.connect();
+        let started = Instant::now();
+        let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+        assert_err(&reply, "1", case.code);
+        assert!(started.elapsed() < Duration::from_secs(3), "{}", case.name);
+        assert_eq!(endpoint.count(), case.calls, "{}", case.name);
+        assert_eq!(
+            stored_access(&memory).as_deref(),
+            Some("at-old"),
+            "{}",
+            case.name
+        );
+        assert_eq!(
+            stored_refresh(&memory).as_deref(),
+            Some("rt-0"),
+            "{}",
+            case.name
+        );
+        let message = reply["error"].as_str().unwrap();
+        assert!(message.contains("anthropic:default"), "{message}");
+        for leak in ["oops", "desc-canary", "html", "rt-0", "127.0.0.1"] {
+            assert!(!message.contains(leak), "{}: {message}", case.name);
+        }
+        server.shutdown();
+    }
+}
+
+#[test]
+fn transient_failures_are_retried_and_a_429_waits_for_retry_after() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push([Reply::raw(500, b""), Reply::raw(500, b"")]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-1", "third attempt: {reply}");
+    assert_eq!(endpoint.count(), 3);
+    server.shutdown();
+
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push([Reply::error(429, "slow_down", "").header("Retry-After", "1")]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
     let mut raw = server.connect();
     let started = Instant::now();
     let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-1", "{reply}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    assert_eq!(endpoint.count(), 2);
+    server.shutdown();
+}
+
+#[test]
+fn a_hanging_endpoint_gives_refresh_failed_in_bounded_time() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    let hang = Reply::token("at-late", 3600, None).after(Duration::from_secs(8));
+    endpoint.push([hang.clone(), hang.clone(), hang]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let started = Instant::now();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "1", "REFRESH_FAILED");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "bounded by the 2 s deadline: {took:?}"
+    );
+    assert_eq!(stored_access(&memory).as_deref(), Some("at-old"));
+    server.shutdown();
+}
+
+/// A due token that is still valid is served when its refresh fails; an explicit refresh
+/// reports the failure.
+#[test]
+fn a_failed_refresh_of_a_still_valid_token_serves_the_stored_one() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push((0..6).map(|_| Reply::raw(503, b"")));
+    let memory = store_with(now() + 30);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-old", "{reply}");
+    let reply = raw.call("2", "refresh_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "2", "REFRESH_FAILED");
+    assert_eq!(endpoint.count(), 6);
+    server.shutdown();
+}
+
+#[test]
+fn invalid_grant_needs_login_until_a_token_is_saved() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push([Reply::error(400, "invalid_grant", "desc-canary")]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
     let message = assert_err(&reply, "1", "REAUTH_REQUIRED");
-    assert!(message.contains("anthropic:default"), "{message}");
-    assert!(started.elapsed() < Duration::from_secs(2), "no retry");
-    assert_eq!(endpoint.count(), 1);
-    // Marked: no second request upstream.
+    assert!(message.contains("log in again on the host"), "{message}");
+    // Marked: no second request upstream, from get_token or refresh_token.
     let reply = raw.call("2", "refresh_token", json!({"provider": "anthropic"}));
     assert_err(&reply, "2", "REAUTH_REQUIRED");
+    let reply = raw.call("3", "get_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "3", "REAUTH_REQUIRED");
     assert_eq!(endpoint.count(), 1);
+    let mark = memory.refresh_state("anthropic", "default").unwrap();
+    let mark = mark.needs_login.expect("marked");
+    assert_eq!(
+        (mark.status, mark.code.as_deref()),
+        (400, Some("invalid_grant"))
+    );
+    // A save from the sandbox (a new token, still expired here) clears the mark...
+    let token = json!({"access_token": "at-saved", "expiry": now() - 5, "token_type": "Bearer"});
+    let reply = raw.call(
+        "4",
+        "save_token",
+        json!({"provider": "anthropic", "token": token}),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
     assert!(memory
         .refresh_state("anthropic", "default")
         .unwrap()
         .needs_login
-        .is_some());
-    // A save clears the mark.
+        .is_none());
+    // ... so the stored refresh token is tried again.
+    let reply = raw.call("5", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-1", "{reply}");
+    server.shutdown();
+}
+
+/// After `remove_token` has answered, no refresh that was running brings the token back;
+/// the removal does not wait for the slow token endpoint.
+#[test]
+fn removal_during_a_slow_refresh_wins() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint
+        .push([Reply::token("at-late", 3600, Some("rt-late")).after(Duration::from_millis(800))]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut getter = server.connect();
+    let mut remover = server.connect();
+    getter.send(&json!({"id": "g", "op": "get_token", "payload": {"provider": "anthropic"}}));
+    assert_eq!(endpoint.wait_for(1, Duration::from_secs(2)), 1);
+    let started = Instant::now();
+    let reply = remover.call("r", "remove_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the removal did not wait"
+    );
+    assert_eq!(stored_access(&memory), None);
+    let reply = getter.recv();
+    assert_err(&reply, "g", "NOT_FOUND");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        stored_access(&memory),
+        None,
+        "the refresh did not bring it back"
+    );
+    let reply = remover.call("g2", "get_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "g2", "NOT_FOUND");
+    server.shutdown();
+}
+
+/// A new login saved while a refresh is on its way stays as saved.
+#[test]
+fn a_token_saved_during_a_refresh_wins() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint
+        .push([Reply::token("at-late", 3600, Some("rt-late")).after(Duration::from_millis(600))]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut getter = server.connect();
+    getter.send(&json!({"id": "g", "op": "get_token", "payload": {"provider": "anthropic"}}));
+    assert_eq!(endpoint.wait_for(1, Duration::from_secs(2)), 1);
     memory
         .save_token(
             "anthropic",
             "default",
-            &stored("at-new", "rt-0", now() - 5),
-            credproxy::backend::SaveMode::Replace,
+            &stored("at-login", "rt-login", now() + 7200),
+            SaveMode::Replace,
         )
         .unwrap();
-    let reply = raw.call("3", "get_token", json!({"provider": "anthropic"}));
-    assert_eq!(access(&reply), "at-1", "{reply}");
+    let reply = getter.recv();
+    assert_eq!(access(&reply), "at-login", "{reply}");
+    assert_eq!(stored_refresh(&memory).as_deref(), Some("rt-login"));
     server.shutdown();
+}
+
+/// The cooldown counts from the last successful refresh; an injected clock moves past it.
+#[test]
+fn explicit_refreshes_are_cooled_down_for_30_seconds() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    let memory = store_with(now() + 3600);
+    let offset = Arc::new(AtomicU64::new(0));
+    let mut config = refresh_config(&endpoint.url());
+    let clock_offset = offset.clone();
+    config.clock = Clock::from_fn(move || now() + clock_offset.load(Ordering::SeqCst));
+    let mut server = RefreshServer::start(memory.clone(), config);
+    let mut raw = server.connect();
+    let reply = raw.call("1", "refresh_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-1", "not due, but explicit: {reply}");
+    let reply = raw.call(
+        "2",
+        "refresh_token",
+        json!({"provider": "anthropic", "bucket": "default"}),
+    );
+    assert_eq!(access(&reply), "at-1");
+    assert_eq!(endpoint.count(), 1, "in the cooldown");
+    offset.store(31, Ordering::SeqCst);
+    let reply = raw.call("3", "refresh_token", json!({"provider": "anthropic"}));
+    assert_eq!(access(&reply), "at-2");
+    assert_eq!(endpoint.count(), 2);
+    assert_eq!(endpoint.reused(), 0);
+    server.shutdown();
+}
+
+/// A refresh in flight at shutdown is abandoned when the grace time runs out, and counted.
+#[test]
+fn shutdown_abandons_a_refresh_that_outlives_the_grace_time() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push([Reply::token("at-late", 3600, None).after(Duration::from_secs(5))]);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    raw.send(&json!({"id": "g", "op": "get_token", "payload": {"provider": "anthropic"}}));
+    assert_eq!(endpoint.wait_for(1, Duration::from_secs(2)), 1);
+    let started = Instant::now();
+    let report = server.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(report.refresher_stopped);
+    assert_eq!(report.refreshes_abandoned, 1);
+    if let Some(reply) = raw.try_recv() {
+        assert_err(&reply, "g", "REFRESH_FAILED");
+    }
+    assert!(
+        memory.get_token("anthropic", "default").is_err(),
+        "the store was cleared at shutdown"
+    );
 }

@@ -83,7 +83,7 @@ impl Refresher {
     /// a worker pool (neither can fail on a sane system) it answers every refresh with
     /// `REFRESH_FAILED` and says why in the log.
     pub fn new(backend: Arc<dyn Backend>, profile: Profile, config: RefreshConfig) -> Refresher {
-        let workers = Workers::start();
+        let workers = Workers::start("credproxy-refresh");
         let upstream = match Upstream::with(config.timeouts, config.retry.clone()) {
             Ok(upstream) => Some(upstream),
             Err(e) => {

@@ -7,6 +7,7 @@ pub mod as_user;
 pub mod hooked;
 pub mod probe;
 pub mod process;
+pub mod refresh;
 pub mod token_endpoint;
 pub mod unprivileged;
 pub mod user_home;
