@@ -2,6 +2,9 @@
 # End-to-end load measurement: credproxy (file store via `credproxy serve`, and the memory
 # store via examples/bench_server) against ../shared/loadgen's limitserver, the thinnest
 # server of the protocol, in the same run. Prints one line per scenario; see BENCHMARKS.md.
+# `file` is `credproxy serve` as shipped (host-side refresh on; the stored token has a
+# refresh token and is not due, so every get_token passes the refresh check);
+# `norefresh` is the same with --no-refresh, the version-1 path.
 #
 #   bench/e2e.sh                 # DUR=5 seconds per run, REPS=3 repetitions (median kept)
 #   DUR=10 REPS=5 bench/e2e.sh
@@ -24,8 +27,9 @@ mkdir -m 700 "$OUT/sock"
 printf '{"access_token":"bench-access-token","refresh_token":"bench-refresh-token","expiry":4102444800,"token_type":"Bearer"}' \
   | "$BIN" store token set anthropic --store "$OUT/store" 2>/dev/null
 
+start_norefresh() { start_file --no-refresh; }
 start_file() {
-  "$BIN" serve --store "$OUT/store" --allow-all --rate-limit 0 --socket-dir "$OUT/sock" >"$OUT/serve.out" 2>"$OUT/serve.err" &
+  "$BIN" serve "$@" --store "$OUT/store" --allow-all --rate-limit 0 --socket-dir "$OUT/sock" >"$OUT/serve.out" 2>"$OUT/serve.err" &
   SPID=$!
   for _ in $(seq 100); do [ -s "$OUT/serve.out" ] && break; sleep 0.05; done
   SOCK=$(sed 's/^LLXPRT_CREDENTIAL_SOCKET=//' "$OUT/serve.out")
@@ -62,7 +66,7 @@ run() { # server mode connections
 for rep in $(seq "$REPS"); do
   for scenario in "steady 1" "steady 64" "connect 8"; do
     set -- $scenario
-    for server in limit mem file; do
+    for server in limit mem file norefresh; do
       run "$server" "$1" "$2" > "$OUT/r-$server-$1-$2-$rep.json"
     done
   done
@@ -82,14 +86,14 @@ for f in glob.glob(os.path.join(out, "r-*.json")):
 def med(ds, f):
     return statistics.median(f(d) for d in ds)
 print(f"{'scenario':<12} {'server':<7} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'srv us/req':>10} {'errors':>6}")
-for (mode, conns, server) in sorted(rows, key=lambda k: (k[0], k[1], ["limit", "mem", "file"].index(k[2]))):
+for (mode, conns, server) in sorted(rows, key=lambda k: (k[0], k[1], ["limit", "mem", "file", "norefresh"].index(k[2]))):
     ds = rows[(mode, conns, server)]
     print(f"{mode+' c='+str(conns):<12} {server:<7} {med(ds, lambda d: d['ok_rps']):>9.0f} "
           f"{med(ds, lambda d: d['latency_us']['p50']):>8.1f} {med(ds, lambda d: d['latency_us']['p99']):>8.1f} "
           f"{med(ds, lambda d: d.get('server_cpu_us_per_reply') or 0):>10.2f} {max(d['errors'] for d in ds):>6}")
 for (mode, conns) in sorted({(m, c) for (m, c, _) in rows}):
     lim = rows.get((mode, conns, "limit"))
-    for server in ("mem", "file"):
+    for server in ("mem", "file", "norefresh"):
         ours = rows.get((mode, conns, server))
         if lim and ours:
             r = med(ours, lambda d: d['ok_rps']) / med(lim, lambda d: d['ok_rps'])
