@@ -10,6 +10,11 @@
 //! answered with a failure (the blocking call itself finishes in the background, still
 //! holding its lock).
 //!
+//! A `get_token` that misses the backend's read cache joins a read of the same key already
+//! in flight instead of starting another (no stampede of identical file reads), unless a
+//! save or removal completed since that read started: a read issued before a completed
+//! save never answers a `get_token` sent after it.
+//!
 //! The workers are the blocking pool of a private runtime rather than the actix runtime's:
 //! a runtime waits for its blocking pool when it is dropped, so one store call stuck in
 //! the kernel (a hung network filesystem) would hold up shutdown without bound; the
@@ -67,7 +72,27 @@ pub struct CredentialStore {
     stats: HashMap<String, HashMap<String, Counter>>,
     /// Worker threads for a blocking backend, started on first use.
     workers: Option<Workers>,
+    /// `get_token` reads of a blocking backend in flight, by provider:bucket: concurrent
+    /// misses of one key share one read.
+    reads: HashMap<(String, String), ReadFlight>,
+    /// The waiters of every read in flight (joinable or superseded), by read id.
+    read_waiters: HashMap<u64, Vec<ReadWaiter>>,
+    /// Saves and removes completed by this store so far. A read shares a flight only if
+    /// none completed since the flight started, so a read issued before a save never
+    /// answers a `get_token` that came after it.
+    writes_done: u64,
+    next_read: u64,
 }
+
+/// The `get_token` read of a key that later misses may join.
+#[derive(Debug)]
+struct ReadFlight {
+    id: u64,
+    /// [`CredentialStore::writes_done`] when the read started.
+    writes_done: u64,
+}
+
+type ReadWaiter = tokio::sync::oneshot::Sender<StoreResult<Option<ServedToken>>>;
 
 /// Upper bound on threads running blocking backend calls at once. Calls past it queue;
 /// it is far above what a healthy disk needs and bounds the damage of a hung one.
@@ -120,6 +145,10 @@ impl CredentialStore {
             locks: HashMap::new(),
             stats: HashMap::new(),
             workers: None,
+            reads: HashMap::new(),
+            read_waiters: HashMap::new(),
+            writes_done: 0,
+            next_read: 0,
         }
     }
 
@@ -281,11 +310,42 @@ impl Handler<GetToken> for CredentialStore {
             }
             return ActorResponse::reply(Ok(hit));
         }
-        let (p, b) = (msg.provider.clone(), msg.bucket.clone());
+        let key = (msg.provider, msg.bucket);
+        if let Some(flight) = self.reads.get(&key) {
+            if flight.writes_done == self.writes_done {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.read_waiters.entry(flight.id).or_default().push(tx);
+                let wait = async move { rx.await.unwrap_or(Err(StoreFailed)) };
+                return ActorResponse::r#async(Box::pin(wait.into_actor(self).map(
+                    move |result, act, _| {
+                        if let Ok(Some(_)) = &result {
+                            act.record_get(&key.0, &key.1);
+                        }
+                        result
+                    },
+                )));
+            }
+        }
+        self.next_read += 1;
+        let id = self.next_read;
+        let flight = ReadFlight {
+            id,
+            writes_done: self.writes_done,
+        };
+        // A newer flight replaces an older one for later joiners; the older one still
+        // answers the waiters that joined it.
+        self.reads.insert(key.clone(), flight);
+        let (p, b) = key.clone();
         let read = self.run("get_token", None, move |s| s.get_served_token(&p, &b));
         ActorResponse::r#async(read.map(move |result, act, _| {
+            if act.reads.get(&key).is_some_and(|f| f.id == id) {
+                act.reads.remove(&key);
+            }
+            for waiter in act.read_waiters.remove(&id).unwrap_or_default() {
+                let _ = waiter.send(result.clone());
+            }
             if let Ok(Some(_)) = &result {
-                act.record_get(&msg.provider, &msg.bucket);
+                act.record_get(&key.0, &key.1);
             }
             result
         }))
@@ -329,7 +389,7 @@ impl Handler<SaveToken> for CredentialStore {
 
     fn handle(&mut self, msg: SaveToken, _: &mut Context<Self>) -> Self::Result {
         let key = (msg.provider.clone(), msg.bucket.clone());
-        self.run("save_token", Some((&key.0, &key.1)), move |s| {
+        let save = self.run("save_token", Some((&key.0, &key.1)), move |s| {
             // The backend measures the merged token under its own lock (the file store's
             // flock, shared with every process on the store), so no save slips in between.
             match s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge) {
@@ -347,7 +407,11 @@ impl Handler<SaveToken> for CredentialStore {
                 }
                 Err(e) => Err(e),
             }
-        })
+        });
+        Box::pin(save.map(|result, act, _| {
+            act.writes_done += 1;
+            result
+        }))
     }
 }
 
@@ -370,7 +434,10 @@ impl Handler<RemoveToken> for CredentialStore {
             s.remove_token(&msg.provider, &msg.bucket).map(drop)
         });
         // The failure itself was logged by `run`; the protocol answers success.
-        Box::pin(remove.map(|_, _, _| Ok(())))
+        Box::pin(remove.map(|_, act, _| {
+            act.writes_done += 1;
+            Ok(())
+        }))
     }
 }
 
@@ -479,6 +546,8 @@ impl Handler<Clear> for CredentialStore {
         self.backend.clear();
         self.stats.clear();
         self.locks.clear();
+        self.reads.clear();
+        self.read_waiters.clear();
         if let Some(workers) = self.workers.take() {
             workers.release();
         }
