@@ -1,0 +1,186 @@
+//! Host-side refresh with the real binary: two `credproxy serve` on one file store never
+//! both refresh (the store's per-bucket lock), and no refresh token, client secret, access
+//! token or upstream body reaches a log line at trace level, in text or JSON, or the wire.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::{Env, Fixture};
+use common::refresh::now;
+use common::token_endpoint::{Reply, TokenEndpoint};
+use common::{data, Raw};
+use credproxy::backend::{Backend, FileBackend};
+use serde_json::{json, Value};
+
+impl Fixture {
+    /// Stores an expired token for provider:bucket with refresh token `refresh`.
+    fn seed_expired(&self, provider: &str, bucket: &str, refresh: &str) {
+        let token = json!({"access_token": format!("at-old-{bucket}"), "refresh_token": refresh,
+            "expiry": now() - 10, "token_type": "Bearer"});
+        self.seed(
+            &["token", "set", provider, "--bucket", bucket],
+            token.to_string().as_bytes(),
+        );
+    }
+
+    /// Writes a profile pointing `anthropic` (and `acme`, with a client secret from the
+    /// store key `acme-secret`, JSON body) at `url`; returns its path.
+    fn refresh_profile(&self, url: &str) -> String {
+        let path = self.tmp.path().join("profile.toml");
+        let text = format!(
+            "allow_all = true\nrate_limit = 0\n\n[provider.anthropic]\ntoken_url = \"{url}\"\n\n\
+             [provider.acme]\ntoken_url = \"{url}\"\nclient_id = \"acme-cli\"\n\
+             client_secret_key = \"acme-secret\"\nbody = \"json\"\n"
+        );
+        std::fs::write(&path, text).expect("profile");
+        path.to_str().unwrap().to_owned()
+    }
+
+    fn stored_refresh(&self, provider: &str, bucket: &str) -> Option<String> {
+        let store = FileBackend::open(&self.store).expect("open");
+        store
+            .get_token(provider, bucket)
+            .expect("read")
+            .and_then(|t| t.refresh_token().map(str::to_owned))
+    }
+}
+
+#[test]
+fn two_servers_on_one_store_refresh_once() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint
+        .push([Reply::token("at-storm", 3600, Some("rt-storm")).after(Duration::from_millis(400))]);
+    let fx = Fixture::new();
+    fx.seed_expired("anthropic", "default", "rt-0");
+    let profile = fx.refresh_profile(&endpoint.url());
+    let args = ["--profile", profile.as_str()];
+    let a = fx.start_serve(&args, Env::ISOLATED);
+    let b = fx.start_serve(&args, Env::ISOLATED);
+    let mut conns: Vec<Raw> = (0..50)
+        .map(|i| if i % 2 == 0 { a.connect() } else { b.connect() })
+        .collect();
+    let replies: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .iter_mut()
+            .enumerate()
+            .map(|(c, raw)| {
+                s.spawn(move || {
+                    for i in 0..4 {
+                        raw.send(&json!({"id": format!("{c}-{i}"), "op": "get_token",
+                            "payload": {"provider": "anthropic"}}));
+                    }
+                    (0..4).map(|_| raw.recv()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(replies.len(), 200);
+    for reply in &replies {
+        assert_eq!(data(reply)["access_token"], "at-storm", "{reply}");
+    }
+    assert_eq!(endpoint.count(), 1, "one refresh across both servers");
+    assert_eq!(endpoint.reused(), 0);
+    assert_eq!(
+        fx.stored_refresh("anthropic", "default").as_deref(),
+        Some("rt-storm")
+    );
+    for server in [a, b] {
+        let stopped = server.stop(nix::sys::signal::Signal::SIGTERM);
+        assert!(stopped.status.success(), "{stopped:?}");
+    }
+}
+
+/// Every secret of a refresh, and the provider's answer, stay out of the logs at trace
+/// level in both formats and off the wire.
+#[test]
+fn no_secret_or_upstream_body_in_trace_logs_or_on_the_wire() {
+    const NEVER: [&str; 7] = [
+        "rt-CANARY-0",
+        "rt-CANARY-ROTATED",
+        "rt-CANARY-B2",
+        "rt-CANARY-ACME",
+        "CLIENT-SECRET-CANARY",
+        "BODY-CANARY",
+        "at-CANARY-ACCESS",
+    ];
+    for format in ["text", "json"] {
+        let endpoint = TokenEndpoint::start("unused");
+        endpoint.push([
+            Reply::token("at-CANARY-ACCESS", 3600, Some("rt-CANARY-ROTATED")),
+            Reply::error(400, "invalid_grant", "BODY-CANARY rt-CANARY-B2"),
+            Reply::json(
+                200,
+                json!({"access_token": "at-acme", "expires_in": 60,
+                "refresh_token": "rt-CANARY-ACME"}),
+            ),
+        ]);
+        let fx = Fixture::new();
+        fx.seed_expired("anthropic", "default", "rt-CANARY-0");
+        fx.seed_expired("anthropic", "b2", "rt-CANARY-B2");
+        fx.seed_expired("acme", "default", "rt-CANARY-ACME");
+        fx.seed_key("acme-secret", "CLIENT-SECRET-CANARY");
+        let profile = fx.refresh_profile(&endpoint.url());
+        let env = Env::ISOLATED.with(&[("RUST_LOG", "trace")]);
+        let server = fx.start_serve(
+            &["--profile", profile.as_str(), "--log-format", format],
+            env,
+        );
+        let mut raw = server.connect();
+        let mut wire = Vec::new();
+        let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+        assert_eq!(data(&reply)["access_token"], "at-CANARY-ACCESS", "{reply}");
+        wire.push(reply);
+        let reply = raw.call(
+            "2",
+            "get_token",
+            json!({"provider": "anthropic", "bucket": "b2"}),
+        );
+        assert_eq!(reply["code"], "REAUTH_REQUIRED", "{reply}");
+        wire.push(reply);
+        let reply = raw.call("3", "get_token", json!({"provider": "acme"}));
+        assert_eq!(data(&reply)["access_token"], "at-acme", "{reply}");
+        wire.push(reply);
+        let stopped = server.stop(nix::sys::signal::Signal::SIGTERM);
+        let received = endpoint.received();
+        assert_eq!(received.len(), 3);
+        assert_eq!(
+            received[2].param("client_secret"),
+            Some("CLIENT-SECRET-CANARY")
+        );
+        assert!(
+            stopped.stderr.contains("token refreshed"),
+            "{format}: refreshes are logged"
+        );
+        assert!(
+            stopped.stderr.contains("TRACE") || stopped.stderr.contains("\"TRACE\""),
+            "{format}: trace on"
+        );
+        for canary in NEVER {
+            assert!(
+                !stopped.stderr.contains(canary),
+                "{format}: {canary} logged"
+            );
+            assert!(
+                !stopped.stdout_rest.contains(canary),
+                "{format}: {canary} printed"
+            );
+        }
+        for reply in &wire {
+            let text = reply.to_string();
+            assert!(!text.contains("refresh_token"), "{text}");
+            for canary in NEVER.iter().filter(|c| **c != "at-CANARY-ACCESS") {
+                assert!(!text.contains(canary), "{canary} on the wire: {text}");
+            }
+        }
+        // The wire never carried the rotated refresh token, but the store keeps it.
+        assert_eq!(
+            fx.stored_refresh("anthropic", "default").as_deref(),
+            Some("rt-CANARY-ROTATED")
+        );
+    }
+}
