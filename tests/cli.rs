@@ -782,23 +782,32 @@ fn store_commands_are_seen_by_a_server_running_on_the_same_store() {
 /// A profile written for host-side refresh is accepted, and serve says plainly that this
 /// version does not refresh yet.
 #[test]
-fn refresh_settings_in_a_profile_are_checked_and_reported_as_not_active() {
+fn refresh_settings_in_a_profile_are_in_force_and_checked() {
     let f = Fixture::new();
+    let expired = serde_json::json!({"access_token": "at-stored", "refresh_token": "rt-x",
+        "expiry": 1_000, "token_type": "Bearer"});
+    f.seed(
+        &["token", "set", "anthropic"],
+        expired.to_string().as_bytes(),
+    );
     let profile = f.tmp.path().join("p.toml");
     std::fs::write(
         &profile,
-        "allow = [\"anthropic\"]\nrenew_before = 600\n[provider.anthropic]\ntoken_url = \"http://127.0.0.1:9/t\"\n",
+        "allow = [\"anthropic\"]\nrefresh = false\nrenew_before = 600\n[provider.anthropic]\ntoken_url = \"http://127.0.0.1:9/t\"\n",
     )
     .expect("write profile");
     let server = f.start_serve(
         &["--profile", profile.to_str().expect("utf-8")],
         Env::ISOLATED,
     );
+    // `refresh = false`: the expired token is served as stored, nothing is refreshed.
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["data"]["access_token"], "at-stored", "{reply}");
+    let reply = raw.call("2", "refresh_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["code"], "REFRESH_NOT_AVAILABLE", "{reply}");
     let stopped = server.stop(nix::sys::signal::Signal::SIGTERM);
-    assert!(
-        stopped.stderr.contains("checked but not used yet"),
-        "{stopped:?}"
-    );
+    assert!(stopped.status.success(), "{stopped:?}");
     // And a bad one is refused with its line, like any profile error.
     std::fs::write(
         &profile,
