@@ -491,6 +491,8 @@ fn save_token_clears_the_mark_in_both_modes_and_keeps_refreshed_at() {
             "{mode:?}"
         );
         // A mark alone: the state file goes (the default state).
+        s.b.save_token("p", "other", &full("at-0", "rt-0"), mode)
+            .expect("save");
         let (r, _) = finish(&s.b, "p", "other", RefreshWrite::NeedsLogin(mark(30)));
         assert!(r.expect("finish"));
         assert!(s.state_path("p", "other").exists());

@@ -729,7 +729,13 @@ impl Backend for FileBackend {
             Some(dir) => self.read_token(&dir, &file_name)?,
             None => None,
         };
-        match decide(stored.as_ref()) {
+        let decided = decide(stored.as_ref());
+        if stored.is_none() {
+            // Removal wins: nothing is written for a bucket without a token, whatever
+            // the caller decided.
+            return Ok(false);
+        }
+        match decided {
             RefreshWrite::Nothing => Ok(false),
             RefreshWrite::NeedsLogin(mark) => {
                 let refresh = self.refresh_dir_created(&root, provider)?;

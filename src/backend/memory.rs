@@ -232,6 +232,8 @@ impl Backend for MemoryBackend {
     }
 
     fn refresh_state(&self, provider: &str, bucket: &str) -> Result<RefreshState, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
         let c = self.lock()?;
         Ok(c.states
             .get(&(provider.to_owned(), bucket.to_owned()))
@@ -255,7 +257,13 @@ impl Backend for MemoryBackend {
             .map(Stored::token)
             .transpose()?;
         let key = (provider.to_owned(), bucket.to_owned());
-        match decide(stored.as_ref()) {
+        let decided = decide(stored.as_ref());
+        if stored.is_none() {
+            // Removal wins: nothing is written for a bucket without a token, whatever
+            // the caller decided.
+            return Ok(false);
+        }
+        match decided {
             RefreshWrite::Nothing => Ok(false),
             RefreshWrite::NeedsLogin(mark) => {
                 c.states.entry(key).or_default().needs_login = Some(mark);

@@ -228,7 +228,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Ends a refresh, as one atomic step under the store lock: reads the stored token,
     /// asks `decide` what to write, and writes it (a token through the same checks as
     /// [`Backend::save_token`]). `decide` sees `None` when no token is stored (it was
-    /// removed meanwhile: removal wins, so it must answer [`RefreshWrite::Nothing`]).
+    /// removed meanwhile: removal wins, and the backend then writes nothing whatever
+    /// `decide` answers).
     /// Returns what was decided was written: true when something was written.
     fn finish_refresh(
         &self,
