@@ -91,8 +91,10 @@ fn storm(n: usize, latency: Duration, expired: bool) -> Storm {
         },
     )
     .expect("endpoint");
-    config.refresh =
-        RefreshConfig::default().with_endpoints([("anthropic".into(), anthropic)].into());
+    config.refresh = RefreshConfig {
+        endpoints: [("anthropic".into(), anthropic)].into(),
+        ..RefreshConfig::default()
+    };
     let server = Supervisor::start(config).expect("start");
     let path = server.socket_path().to_owned();
     let conns = n.min(100);

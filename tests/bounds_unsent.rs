@@ -94,6 +94,7 @@ fn start(budget: usize) -> (credproxy::ServerHandle, tempfile::TempDir) {
         ..Profile::default()
     };
     let mut config = Config::new(big_store());
+    common::offline(&mut config);
     config.socket_dir = Some(dir.path().to_owned());
     config.profile = profile;
     config.limits = limits(budget);

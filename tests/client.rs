@@ -221,6 +221,7 @@ fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
     credproxy::backend::Backend::set_key(&backend, "openai", &"sk-openai".into()).expect("key");
     let dir = tempfile::tempdir().expect("sock dir");
     let mut config = credproxy::Config::new(std::sync::Arc::new(backend));
+    common::offline(&mut config);
     config.socket_dir = Some(dir.path().to_owned());
     config.profile = allow_all();
     config.limits = short_limits();

@@ -138,7 +138,9 @@ impl Server {
     }
 }
 
-/// `[prefix...] credproxy serve --store STORE --socket-dir SOCK --allow-all --rate-limit 0`.
+/// `[prefix...] credproxy serve --store STORE --socket-dir SOCK --allow-all --rate-limit 0
+/// --no-refresh`: these faults concern serving tokens as stored (refresh has its own
+/// tests, `tests/refresh_*.rs`).
 fn serve_cmd(prefix: &[&str], store: &Path, sock: &Path) -> Command {
     let (program, pre) = match prefix.split_first() {
         Some((first, rest)) => (*first, rest),
@@ -154,7 +156,8 @@ fn serve_cmd(prefix: &[&str], store: &Path, sock: &Path) -> Command {
         .arg(store)
         .arg("--socket-dir")
         .arg(sock)
-        .args(["--allow-all", "--rate-limit", "0"]);
+        .args(["--allow-all", "--rate-limit", "0", "--no-refresh"]);
+    common::process::no_network(&mut cmd);
     cmd
 }
 

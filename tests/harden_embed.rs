@@ -25,6 +25,7 @@ const HOST_CORE: u64 = 400 * 1024;
 fn start(harden_process: bool) -> credproxy::ServerHandle {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::new(Arc::new(MemoryBackend::new()));
+    common::offline(&mut config);
     assert!(config.harden_process, "on by default");
     config.harden_process = harden_process;
     config.socket_dir = Some(dir.path().to_owned());

@@ -162,6 +162,7 @@ impl Harness {
             .expect("seed key");
         let socket_dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(Arc::new(backend));
+        common::offline(&mut config);
         config.socket_dir = Some(socket_dir.path().to_owned());
         config.profile = prof.profile();
         config.limits = limits;

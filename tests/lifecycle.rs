@@ -19,6 +19,7 @@ use serde_json::json;
 
 fn config_in(dir: &std::path::Path) -> Config {
     let mut config = Config::new(Arc::new(MemoryBackend::new()));
+    common::offline(&mut config);
     config.socket_dir = Some(dir.to_owned());
     config.limits = short_limits();
     config
@@ -55,6 +56,7 @@ fn default_directory_is_created_0700_and_tightened() {
     // The default directory lives in the system temp dir; point TMPDIR at a private one
     // would race with other tests in this process, so check the real default instead.
     let mut config = Config::new(Arc::new(MemoryBackend::new()));
+    common::offline(&mut config);
     config.limits = short_limits();
     let handle = Supervisor::start(config).expect("start");
     let dir = handle.socket_path().parent().expect("dir").to_owned();
@@ -382,6 +384,7 @@ fn configured_extra_uid_is_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = seeded();
     let mut config = Config::new(backend.clone());
+    common::offline(&mut config);
     config.socket_dir = Some(dir.path().to_owned());
     config.profile = allow_all();
     config.limits = short_limits();

@@ -228,6 +228,7 @@ impl SlowServer {
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(backend.clone());
+        common::offline(&mut config);
         config.socket_dir = Some(dir.path().to_owned());
         config.profile = allow_all();
         config.limits = limits;

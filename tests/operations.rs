@@ -115,6 +115,7 @@ impl CountingServer {
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(backend.clone());
+        common::offline(&mut config);
         config.socket_dir = Some(dir.path().to_owned());
         config.profile = profile;
         config.limits = short_limits();

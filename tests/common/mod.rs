@@ -95,6 +95,7 @@ impl TestServer {
         config.socket_dir = Some(dir.path().to_owned());
         config.profile = profile;
         config.limits = limits;
+        offline(&mut config);
         let handle = Supervisor::start(config).expect("server starts");
         let path = handle.socket_path().to_owned();
         TestServer {
@@ -300,7 +301,17 @@ pub fn start_backend(
     config.socket_dir = Some(dir.path().to_owned());
     config.profile = allow_all();
     config.limits = limits;
+    offline(&mut config);
     (Supervisor::start(config).expect("server starts"), dir)
+}
+
+/// Turns host-side refresh off in a test server's configuration: no provider has a token
+/// endpoint, so tokens are served as stored (the version-1 behaviour these tests check)
+/// and nothing is ever sent to a provider's real endpoint, whatever expiry a test token
+/// has. The refresh tests set their own endpoints on 127.0.0.1 instead.
+pub fn offline(config: &mut Config) {
+    config.refresh.endpoints.clear();
+    config.refresh.settings.enabled = false;
 }
 
 /// True when running as root (tests of foreign uids need it).

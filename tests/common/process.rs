@@ -76,6 +76,7 @@ impl Env<'_> {
 
     /// Applies the environment and the process group to `cmd`.
     pub fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        no_network(cmd);
         cmd.env_remove("RUST_LOG");
         if self.clear_socket {
             cmd.env_remove(SOCKET_VAR);
@@ -94,6 +95,19 @@ impl Env<'_> {
         self.apply(&mut cmd);
         cmd
     }
+}
+
+/// Points every proxy variable at a closed port on 127.0.0.1, loopback excepted, so
+/// that a child that tries a provider's real token endpoint (a test token that looks
+/// expired) fails at once instead of reaching the network. The token endpoints of the
+/// tests are on 127.0.0.1 and are reached directly.
+pub fn no_network(cmd: &mut Command) -> &mut Command {
+    const NOWHERE: &str = "http://127.0.0.1:9";
+    const LOOPBACK: &str = "127.0.0.1,localhost,::1";
+    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        cmd.env(name, NOWHERE);
+    }
+    cmd.env("NO_PROXY", LOOPBACK).env("no_proxy", LOOPBACK)
 }
 
 /// Spawns `cmd` with stdin `/dev/null` and stdout and stderr piped.

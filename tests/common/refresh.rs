@@ -38,8 +38,11 @@ pub fn refresh_config(url: &str) -> RefreshConfig {
         },
     )
     .expect("endpoint");
-    let mut config =
-        RefreshConfig::default().with_endpoints([("anthropic".into(), endpoint)].into());
+    // No built-in preset: only the endpoint on 127.0.0.1 is known.
+    let mut config = RefreshConfig {
+        endpoints: [("anthropic".into(), endpoint)].into(),
+        ..RefreshConfig::default()
+    };
     config.timeouts = Timeouts {
         connect: Duration::from_secs(1),
         attempt: Duration::from_secs(1),
