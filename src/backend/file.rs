@@ -8,8 +8,17 @@
 //! ├── .lock                     0600, empty; the store's advisory lock
 //! ├── tokens/<provider>/        0700
 //! │   └── <bucket>.json         0600, the token object (with refresh_token) as plain JSON
-//! └── keys/<name>.json          0600, {"key":"..."}
+//! ├── keys/<name>.json          0600, {"key":"..."}
+//! └── refresh/<provider>/       0700
+//!     ├── <bucket>.lock         0600, empty; the bucket's refresh lock (never deleted)
+//!     └── <bucket>.json         0600, the bucket's RefreshState (absent: the default)
 //! ```
+//!
+//! `refresh/` is a tree of its own, apart from `tokens/`: lists never see it, and a
+//! provider's `tokens/<provider>/` still empties (and is removed) with its last token. A
+//! refresh lock file is never deleted (deleting a file others may be `flock`ing lets two
+//! holders lock two different files). The state file holds no secret; it is removed
+//! with the bucket's token, and when it falls back to the default state.
 //!
 //! Every name is checked with [`is_valid`] inside every method, so it is always a single
 //! path component (no `/`, never `.` or `..`) and nothing can reach outside `DIR`. Files
@@ -22,8 +31,9 @@
 //! [`crate::trust::check_ancestors`] (OpenSSH's `safe_path` rule). The ancestors are
 //! checked once, at [`FileBackend::open`]; `DIR` itself and each subdirectory on every
 //! walk. Each operation opens `DIR` afresh with `O_DIRECTORY|O_NOFOLLOW`, then reaches
-//! `tokens/`, `tokens/<provider>/`, `keys/`, the lock file, the token and key files and the
-//! temporary files only through directory descriptors (`openat` with `O_NOFOLLOW`,
+//! `tokens/`, `tokens/<provider>/`, `keys/`, `refresh/`, `refresh/<provider>/`, the lock
+//! files, the token, key and refresh state files and the temporary files only through
+//! directory descriptors (`openat` with `O_NOFOLLOW`,
 //! `mkdirat`, `renameat`, `unlinkat`, `fstat`), so a symlink or a directory swapped in
 //! anywhere below `DIR` is never followed. A directory that fails a check is
 //! [`StoreError::Untrusted`]: the store refuses to open (`serve` does not start,
@@ -46,10 +56,24 @@
 //! # Locking
 //!
 //! Every write and every read-modify-write (`save_token`, `remove_token`, `set_key`,
-//! `remove_key`) runs under an exclusive `flock` on `DIR/.lock`, taken through a fresh open
-//! of that file each time, so it excludes other threads of this process and other
-//! processes alike and no merge ever loses a concurrent update. Reads take no lock: thanks
-//! to the atomic rename they always see one complete version of a file.
+//! `remove_key`, `finish_refresh`) runs under an exclusive `flock` on `DIR/.lock`, taken
+//! through a fresh open of that file each time, so it excludes other threads of this
+//! process and other processes alike and no merge ever loses a concurrent update. Reads
+//! (`refresh_state` included) take no lock: thanks to the atomic rename they always see
+//! one complete version of a file.
+//!
+//! A refresh of `provider:bucket` also holds that bucket's refresh lock, an exclusive
+//! `flock` on `DIR/refresh/<provider>/<bucket>.lock` (again through a fresh open each
+//! time, so it excludes threads and processes alike), from its re-read of the token,
+//! across the call to the token endpoint, to `finish_refresh`. `refresh_lock` takes that
+//! lock only; the store lock is only ever taken while it is held, never the other way
+//! round, so the two cannot deadlock, and saves and removes (store lock only) are never
+//! held up by a slow token endpoint.
+//!
+//! A corrupt refresh state file is reported by `refresh_state` ([`StoreError::Corrupt`]);
+//! a write that changes the state (a save clearing a needs-login mark, a refresh
+//! recording its outcome) replaces it, with a warning: it holds no secret, and losing it
+//! costs at most one refresh before the cooldown ends.
 
 use std::ffi::CStr;
 use std::fs::{self, DirBuilder, File, Permissions};
@@ -65,15 +89,20 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, CWD};
 use serde_json::Value;
 
 use super::watch::ReadCache;
-use super::{check_name as check, Backend, SaveMode, StoreError};
+use super::{
+    check_name as check, Backend, RefreshLock, RefreshState, RefreshWrite, SaveMode, StoreError,
+};
 use crate::names::{is_valid, NameKind};
 use crate::secret::{wipe_json, Secret, SecretBytes};
 use crate::token::{ServedToken, Token};
 
 const TOKENS: &str = "tokens";
 const KEYS: &str = "keys";
+const REFRESH: &str = "refresh";
 const LOCK_FILE: &str = ".lock";
 const EXT: &str = ".json";
+/// The suffix of a bucket's refresh lock file in `refresh/<provider>/`.
+const LOCK_EXT: &str = ".lock";
 const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 /// Store files are tiny; anything larger is refused rather than read into memory.
@@ -119,7 +148,8 @@ impl FileBackend {
     /// store` exits): a store directory that is a symlink, is not owned by us, or is
     /// writable by group or others; a directory above it that another non-root uid owns or
     /// can write (see [`crate::trust`]); a subdirectory that fails the same checks, found
-    /// by the sweep of leftover temporary files. A store readable by group or others is
+    /// by the sweep of leftover temporary files (in `keys/`, `tokens/<provider>/`,
+    /// `refresh/` and `refresh/<provider>/`). A store readable by group or others is
     /// accepted with a warning.
     pub fn open(dir: impl Into<PathBuf>) -> Result<FileBackend, StoreError> {
         let dir = dir.into();
@@ -160,15 +190,21 @@ impl FileBackend {
         };
         let mut dirs = Vec::new();
         dirs.extend(sub_dir(&root, KEYS, false)?);
-        if let Some(tokens) = sub_dir(&root, TOKENS, false)? {
-            for (name, file_type) in entries(&tokens)? {
+        for top in [TOKENS, REFRESH] {
+            let Some(parent) = sub_dir(&root, top, false)? else {
+                continue;
+            };
+            for (name, file_type) in entries(&parent)? {
                 // A symlink named as a provider is checked too (and refused): a planted
                 // redirect stops the start, with its path, rather than one request later.
                 let planted_link =
                     file_type == FileType::Symlink && is_valid(NameKind::Provider, &name);
                 if file_type == FileType::Directory || planted_link {
-                    dirs.extend(sub_dir(&tokens, &name, false)?);
+                    dirs.extend(sub_dir(&parent, &name, false)?);
                 }
+            }
+            if top == REFRESH {
+                dirs.push(parent);
             }
         }
         for dir in dirs {
@@ -260,10 +296,69 @@ impl FileBackend {
         provider: &str,
         create: bool,
     ) -> Result<Option<DirFd>, StoreError> {
-        let Some(tokens) = sub_dir(root, TOKENS, create)? else {
-            return Ok(None);
+        provider_dir(root, TOKENS, provider, create)
+    }
+
+    /// `refresh/<provider>/`, created 0700 when `create`; `None` when absent.
+    fn refresh_dir(
+        &self,
+        root: &DirFd,
+        provider: &str,
+        create: bool,
+    ) -> Result<Option<DirFd>, StoreError> {
+        provider_dir(root, REFRESH, provider, create)
+    }
+
+    /// `refresh/<provider>/`, created 0700 when missing.
+    fn refresh_dir_created(&self, root: &DirFd, provider: &str) -> Result<DirFd, StoreError> {
+        self.refresh_dir(root, provider, true)?
+            .ok_or_else(|| StoreError::Io {
+                op: "mkdir",
+                path: root.path.join(REFRESH).join(provider),
+                source: Errno::ENOENT.into(),
+            })
+    }
+
+    /// The refresh state recorded in `dir` (a `refresh/<provider>/`) for `bucket`; `None`
+    /// when none is. A state file that is not a valid [`RefreshState`] (or is a symlink)
+    /// is [`StoreError::Corrupt`], whose reason never quotes the file.
+    fn read_state(&self, dir: &DirFd, bucket: &str) -> Result<Option<RefreshState>, StoreError> {
+        let name = format!("{bucket}{EXT}");
+        let path = dir.path.join(&name);
+        let bytes = match self.read_file(dir, &name) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(None),
+            // O_NOFOLLOW met a symlink: not followed, and not a state file either.
+            Err(StoreError::Io { source, .. })
+                if source.raw_os_error() == Some(Errno::ELOOP as i32) =>
+            {
+                return Err(corrupt(&path, "a symlink, not a regular file"));
+            }
+            Err(e) => return Err(e),
         };
-        sub_dir(&tokens, provider, create)
+        let value = parse_json(&path, &bytes)?;
+        // serde's own messages may quote the file (an unknown field, a wrong value).
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|_| corrupt(&path, "not a refresh state (refreshed_at, needs_login)"))
+    }
+
+    /// The refresh state of `bucket` about to be changed by a write, and whether its file
+    /// must be rewritten whatever changes: a corrupt file is replaced (see the module
+    /// documentation), starting from the default state.
+    fn state_to_update(
+        &self,
+        dir: &DirFd,
+        bucket: &str,
+    ) -> Result<(RefreshState, bool), StoreError> {
+        match self.read_state(dir, bucket) {
+            Ok(state) => Ok((state.unwrap_or_default(), false)),
+            Err(StoreError::Corrupt { path, reason }) => {
+                tracing::warn!(path = %path.display(), %reason, "corrupt refresh state replaced");
+                Ok((RefreshState::default(), true))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Takes the store's exclusive lock; it is released when the returned value drops.
@@ -397,6 +492,9 @@ impl Backend for FileBackend {
     /// fails the call with [`StoreError::Corrupt`] (or `Io`) and is left untouched: it is
     /// never silently overwritten. [`SaveMode::Replace`] (the host's explicit
     /// `credproxy store token set`) does not read the stored file and overwrites it.
+    ///
+    /// A saved token is a new login: once it is written, the bucket's needs-login mark is
+    /// cleared (its `refreshed_at` is kept), still under the store lock.
     fn save_token(
         &self,
         provider: &str,
@@ -408,6 +506,17 @@ impl Backend for FileBackend {
         check(NameKind::Bucket, bucket)?;
         let root = self.root()?;
         let _lock = self.lock(&root)?;
+        // Read before anything is written, so that a refresh directory or state file that
+        // cannot be used fails the call with nothing written.
+        let refresh = match self.refresh_dir(&root, provider, false)? {
+            Some(refresh) => {
+                let (mut state, rewrite) = self.state_to_update(&refresh, bucket)?;
+                let rewrite = rewrite || state.needs_login.is_some();
+                state.needs_login = None;
+                rewrite.then_some((refresh, state))
+            }
+            None => None,
+        };
         let Some(dir) = self.token_dir(&root, provider, true)? else {
             return Err(StoreError::Io {
                 op: "mkdir",
@@ -430,7 +539,11 @@ impl Backend for FileBackend {
         super::check_storable(next)?;
         let written = write_json(&dir, &file_name, next);
         self.invalidate();
-        written
+        written?;
+        match refresh {
+            Some((refresh, state)) => write_state(&refresh, bucket, &state),
+            None => Ok(()),
+        }
     }
 
     fn remove_token(&self, provider: &str, bucket: &str) -> Result<bool, StoreError> {
@@ -438,6 +551,12 @@ impl Backend for FileBackend {
         check(NameKind::Bucket, bucket)?;
         let root = self.root()?;
         let _lock = self.lock(&root)?;
+        // The bucket's refresh state goes with its token (its refresh lock file stays).
+        if let Some(refresh) = self.refresh_dir(&root, provider, false)? {
+            if remove_file(&refresh, &format!("{bucket}{EXT}"))? {
+                sync_dir(&refresh)?;
+            }
+        }
         let Some(tokens) = sub_dir(&root, TOKENS, false)? else {
             return Ok(false);
         };
@@ -549,29 +668,98 @@ impl Backend for FileBackend {
         }
     }
 
-    fn refresh_lock(
-        &self,
-        _provider: &str,
-        _bucket: &str,
-    ) -> Result<super::RefreshLock, StoreError> {
-        Err(StoreError::InvalidName) // placeholder until the file backend implements it
+    /// An exclusive `flock` on `refresh/<provider>/<bucket>.lock` (created 0600 when
+    /// missing, through the directories' descriptors), taken through a fresh open of the
+    /// file: it excludes other threads of this process and other processes alike. The
+    /// store lock is not taken.
+    fn refresh_lock(&self, provider: &str, bucket: &str) -> Result<RefreshLock, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let root = self.root()?;
+        let dir = self.refresh_dir_created(&root, provider)?;
+        let name = format!("{bucket}{LOCK_EXT}");
+        let path = dir.path.join(&name);
+        let fd = rustix::fs::openat(
+            &dir.fd,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map_err(|e| io_err("open", &path)(e.into()))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| io_err("stat", &path)(e.into()))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(corrupt(&path, "not a regular file"));
+        }
+        let mut file = File::from(fd);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(lock) => return Ok(RefreshLock::new(lock)),
+                Err((f, Errno::EINTR)) => file = f,
+                Err((_, errno)) => return Err(io_err("lock", &path)(errno.into())),
+            }
+        }
     }
 
-    fn refresh_state(
-        &self,
-        _provider: &str,
-        _bucket: &str,
-    ) -> Result<super::RefreshState, StoreError> {
-        Err(StoreError::InvalidName) // placeholder until the file backend implements it
+    /// Read without a lock (state files are replaced by rename); a corrupt state file is
+    /// [`StoreError::Corrupt`] and is left as it is.
+    fn refresh_state(&self, provider: &str, bucket: &str) -> Result<RefreshState, StoreError> {
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let root = self.root()?;
+        let Some(dir) = self.refresh_dir(&root, provider, false)? else {
+            return Ok(RefreshState::default());
+        };
+        Ok(self.read_state(&dir, bucket)?.unwrap_or_default())
     }
 
+    /// The stored token is read as [`SaveMode::Merge`] reads it: one that cannot be read or
+    /// parsed fails the call before `decide` is asked, and nothing is written.
     fn finish_refresh(
         &self,
-        _provider: &str,
-        _bucket: &str,
-        _decide: &mut dyn FnMut(Option<&Token>) -> super::RefreshWrite,
+        provider: &str,
+        bucket: &str,
+        decide: &mut dyn FnMut(Option<&Token>) -> RefreshWrite,
     ) -> Result<bool, StoreError> {
-        Err(StoreError::InvalidName) // placeholder until the file backend implements it
+        check(NameKind::Provider, provider)?;
+        check(NameKind::Bucket, bucket)?;
+        let root = self.root()?;
+        let _lock = self.lock(&root)?;
+        let file_name = format!("{bucket}{EXT}");
+        let stored = match self.token_dir(&root, provider, false)? {
+            Some(dir) => self.read_token(&dir, &file_name)?,
+            None => None,
+        };
+        match decide(stored.as_ref()) {
+            RefreshWrite::Nothing => Ok(false),
+            RefreshWrite::NeedsLogin(mark) => {
+                let refresh = self.refresh_dir_created(&root, provider)?;
+                let (mut state, _) = self.state_to_update(&refresh, bucket)?;
+                state.needs_login = Some(mark);
+                write_state(&refresh, bucket, &state)?;
+                Ok(true)
+            }
+            RefreshWrite::Token { token, at } => {
+                super::check_storable(&token)?;
+                // Both directories are ready (and trusted) before the token is written.
+                let refresh = self.refresh_dir_created(&root, provider)?;
+                let Some(dir) = self.token_dir(&root, provider, true)? else {
+                    return Err(StoreError::Io {
+                        op: "mkdir",
+                        path: root.path.join(TOKENS).join(provider),
+                        source: Errno::ENOENT.into(),
+                    });
+                };
+                let written = write_json(&dir, &file_name, &token);
+                self.invalidate();
+                written?;
+                let state = RefreshState {
+                    refreshed_at: Some(at),
+                    needs_login: None,
+                };
+                write_state(&refresh, bucket, &state)?;
+                Ok(true)
+            }
+        }
     }
 
     fn clear(&self) {
@@ -716,6 +904,33 @@ fn sub_dir(parent: &DirFd, name: &str, create: bool) -> Result<Option<DirFd>, St
         Err(rustix::io::Errno::EXIST) => open_dir(&parent.fd, Path::new(name), &path),
         Err(e) => Err(io_err("mkdir", &path)(e.into())),
     }
+}
+
+/// `<top>/<provider>/` below the store root (`top` is `tokens` or `refresh`), each checked
+/// as [`sub_dir`] does and created 0700 when `create`; `None` when absent.
+fn provider_dir(
+    root: &DirFd,
+    top: &str,
+    provider: &str,
+    create: bool,
+) -> Result<Option<DirFd>, StoreError> {
+    let Some(parent) = sub_dir(root, top, create)? else {
+        return Ok(None);
+    };
+    sub_dir(&parent, provider, create)
+}
+
+/// Records `state` as the refresh state of `bucket` in `dir` (a `refresh/<provider>/`):
+/// written atomically, or its file removed when it is the default state.
+fn write_state(dir: &DirFd, bucket: &str, state: &RefreshState) -> Result<(), StoreError> {
+    let name = format!("{bucket}{EXT}");
+    if *state != RefreshState::default() {
+        return write_json(dir, &name, state);
+    }
+    if remove_file(dir, &name)? {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// The entries of `dir` (not `.` and `..`) with their type, which is read with
@@ -1052,6 +1267,14 @@ mod tests {
                 b.set_key(bad, &key),
                 b.get_key(bad).map(drop),
                 b.remove_key(bad).map(drop),
+                b.refresh_lock(bad, "b").map(drop),
+                b.refresh_lock("p", bad).map(drop),
+                b.refresh_state(bad, "b").map(drop),
+                b.refresh_state("p", bad).map(drop),
+                b.finish_refresh(bad, "b", &mut |_| RefreshWrite::Nothing)
+                    .map(drop),
+                b.finish_refresh("p", bad, &mut |_| RefreshWrite::Nothing)
+                    .map(drop),
             ];
             for r in results {
                 assert!(matches!(r, Err(StoreError::InvalidName)), "{bad:?}");
@@ -1063,6 +1286,41 @@ mod tests {
         ));
         assert_eq!(count(t.path()), 1);
         assert!(!b.dir().join(TOKENS).exists() && !b.dir().join(KEYS).exists());
+        assert!(!b.dir().join(REFRESH).exists());
+    }
+
+    #[test]
+    fn refresh_lock_takes_no_store_lock_and_finish_refresh_takes_it() {
+        let (_t, b) = store();
+        put(&b, "p", "b", &basic("a"), SaveMode::Replace);
+        let held = b.lock(&b.root().unwrap()).unwrap();
+        // Taken at once while the store lock is held elsewhere: refresh_lock never waits
+        // for the store lock, so the order (refresh lock, then store lock) cannot invert.
+        let refresh = b.refresh_lock("p", "b").unwrap();
+        assert_eq!(b.refresh_state("p", "b").unwrap(), RefreshState::default());
+        let (tx, rx) = mpsc::channel();
+        let b = &b;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tx.send(b.finish_refresh("p", "b", &mut |stored| {
+                    assert!(stored.is_some());
+                    RefreshWrite::Token {
+                        token: basic("new"),
+                        at: 5,
+                    }
+                }))
+            });
+            let early = rx.recv_timeout(Duration::from_millis(150));
+            assert!(
+                early.is_err(),
+                "finish_refresh ran while the store lock was held"
+            );
+            drop(held);
+            assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap());
+        });
+        drop(refresh);
+        assert_eq!(b.get_token("p", "b").unwrap().unwrap(), basic("new"));
+        assert_eq!(b.refresh_state("p", "b").unwrap().refreshed_at, Some(5));
     }
 
     #[test]

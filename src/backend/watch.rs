@@ -2,17 +2,19 @@
 //!
 //! Reading a token file costs a trip to the blocking pool, four syscalls and a JSON parse;
 //! the cache lets the `CredentialStore` answer a repeated `get_token`/`get_api_key` on
-//! its own thread. Every directory of the store is watched, and ANY change in any of them
-//! (a write by this process, by `credproxy store`, or by another server sharing the
-//! store) drops the whole cache and bumps a generation counter. A read that started
-//! before a change is not cached (its generation is stale), so a value read before a
-//! write can never be stored after that write's invalidation. Writes made through this
-//! backend invalidate synchronously as well, so this process never serves its own stale
-//! value. The watcher adds a watch for a new directory before it invalidates, so no change
-//! inside it can be missed. An inotify queue overflow also drops everything. When the
-//! store directory itself is moved or removed, its watch is gone and a directory created
-//! later at the same path would be unwatched: the cache is then disabled for good (every
-//! read goes to disk), never left answering blind.
+//! its own thread. Every store directory that holds tokens or keys is watched (the root,
+//! `tokens/`, `tokens/*/`, `keys/`; not `refresh/`, whose lock and state files feed no
+//! cached value, though creating it changes the root and so invalidates), and ANY change
+//! in any of them (a write by this process, by `credproxy store`, or by another server
+//! sharing the store) drops the whole cache and bumps a generation counter. A read that
+//! started before a change is not cached (its generation is stale), so a value read
+//! before a write can never be stored after that write's invalidation. Writes made
+//! through this backend invalidate synchronously as well, so this process never serves
+//! its own stale value. The watcher adds a watch for a new directory before it
+//! invalidates, so no change inside it can be missed. An inotify queue overflow also
+//! drops everything. When the store directory itself is moved or removed, its watch is
+//! gone and a directory created later at the same path would be unwatched: the cache is
+//! then disabled for good (every read goes to disk), never left answering blind.
 //!
 //! The cache holds secrets (tokens as served, already without their refresh tokens, and
 //! API keys): they are wiped when dropped, and [`ReadCache::shutdown`] wipes and disables
