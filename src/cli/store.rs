@@ -619,12 +619,13 @@ fn refresh_now(
                 relative_expiry(token.expiry(), now)
             )
         }
-        Ok(None) if output.went_upstream => return Err(Failure::with_code(
-            format!(
-                "the token for {key} was removed while it was being refreshed; the removal stands"
-            ),
-            exit::NOT_FOUND,
-        )),
+        Ok(None) if output.went_upstream => {
+            let why = "was removed while it was being refreshed; it stays removed";
+            return Err(Failure::with_code(
+                format!("the token for {key} {why}"),
+                exit::NOT_FOUND,
+            ));
+        }
         Ok(None) => {
             return Err(Failure::with_code(
                 format!("no token stored for {key}"),
