@@ -3,8 +3,9 @@
 //! lose no concurrent update (one server or two sharing a directory), a remove issued
 //! while a save runs waits and wins, a slow key never holds up another, corrupt or
 //! unreadable files are `INTERNAL_ERROR` without details and are never overwritten, writes
-//! are atomic (no torn, empty or leftover temporary file), the store timeout answers, and
-//! lists are sorted and skip junk.
+//! are atomic (no torn, empty or leftover temporary file), the store timeout answers,
+//! lists are sorted and skip junk (and the refresh bookkeeping under `refresh/`), and a
+//! save from the sandbox clears a bucket's needs-login mark (see also `refresh_store.rs`).
 
 mod common;
 use common::hooked::{Call, Hook, Hooked};
@@ -18,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use credproxy::backend::{Backend, FileBackend, SaveMode, StoreError};
+use credproxy::backend::{
+    Backend, FileBackend, NeedsLogin, RefreshState, RefreshWrite, SaveMode, StoreError,
+};
 use credproxy::token::Token;
 use credproxy::{Limits, ServerHandle};
 use serde_json::{json, Value};
@@ -900,6 +903,64 @@ fn lists_over_the_file_backend_are_sorted_and_skip_junk() {
     assert_eq!(reply, ok("le", json!({"buckets": []})));
     let reply = raw.call("ln", "list_buckets", json!({"provider": "none"}));
     assert_eq!(reply, ok("ln", json!({"buckets": []})));
+}
+
+#[test]
+fn a_save_from_the_sandbox_clears_the_needs_login_mark_and_lists_skip_refresh() {
+    let store = Store::new();
+    store.seed("p", "default", full("at-seed", "rt-seed"));
+    let host = store.backend();
+    let refreshed = host
+        .finish_refresh("p", "default", &mut |stored| {
+            assert!(stored.is_some());
+            RefreshWrite::Token {
+                token: tok(full("at-refreshed", "rt-refreshed")),
+                at: 10,
+            }
+        })
+        .expect("refresh");
+    assert!(refreshed);
+    let mark = NeedsLogin {
+        since: 20,
+        status: 400,
+        code: Some("invalid_grant".into()),
+    };
+    let marked = host
+        .finish_refresh("p", "default", &mut |_| {
+            RefreshWrite::NeedsLogin(mark.clone())
+        })
+        .expect("mark");
+    assert!(marked);
+    // Refresh bookkeeping of buckets and providers that hold no token.
+    drop(host.refresh_lock("p", "other").expect("lock"));
+    drop(host.refresh_lock("q", "default").expect("lock"));
+    store.write_raw("refresh/q/default.json", br#"{"refreshed_at": 1}"#);
+    let server = store.serve(short_limits());
+    let mut raw = server.connect();
+
+    let reply = raw.call("lp", "list_providers", json!({}));
+    assert_eq!(reply, ok("lp", json!({"providers": ["p"]})));
+    let reply = raw.call("lb", "list_buckets", json!({"provider": "p"}));
+    assert_eq!(reply, ok("lb", json!({"buckets": ["default"]})));
+    let reply = raw.call("lq", "list_buckets", json!({"provider": "q"}));
+    assert_eq!(reply, ok("lq", json!({"buckets": []})));
+
+    let reply = raw.call(
+        "s",
+        "save_token",
+        json!({"provider": "p", "token": {"access_token": "at-login", "expiry": 1, "token_type": "Bearer"}}),
+    );
+    assert_eq!(reply, ok("s", json!({})));
+    assert_eq!(
+        host.refresh_state("p", "default").expect("state"),
+        RefreshState {
+            refreshed_at: Some(10),
+            needs_login: None,
+        }
+    );
+    let on_disk = store.on_disk("p", "default");
+    assert_eq!(on_disk["access_token"], json!("at-login"));
+    assert_eq!(on_disk["refresh_token"], json!("rt-refreshed"));
 }
 
 /// Issue 13 item 7: the store directory removed and recreated under a server with the
