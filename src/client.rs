@@ -55,6 +55,12 @@ pub const SOCKET_ENV: &str = "LLXPRT_CREDENTIAL_SOCKET";
 /// The largest frame body, in bytes, in either direction (PROTOCOL.md §3).
 pub const MAX_FRAME: usize = crate::codec::MAX_FRAME_LEN;
 
+/// A request timeout long enough for a request that may wait on a refresh (`get_token` of
+/// a due token, `refresh_token`): the refresh's own 40 s deadline after up to 45 s waiting
+/// for the bucket's refresh lock (another process refreshing it), and a margin
+/// (PROTOCOL.md §14).
+pub const REFRESH_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// The protocol version this client speaks.
 const VERSION: u64 = 1;
 
@@ -260,6 +266,32 @@ impl Client {
         Token::from_value(data)
             .map(Some)
             .map_err(|e| malformed(format!("get_token reply: {e}")))
+    }
+
+    /// Asks the host to refresh the token of `provider`/`bucket` now (PROTOCOL.md §14) and
+    /// returns the (sanitized) token after the refresh, or the current one when it was
+    /// refreshed within the last 30 seconds; `None` when none is stored. A missing `bucket`
+    /// means `default`.
+    ///
+    /// The refresh itself may fail with [`ErrorCode::RefreshNotAvailable`] (the host
+    /// cannot refresh this token), [`ErrorCode::ReauthRequired`] (a new login is needed on
+    /// the host; the message says what to run) or [`ErrorCode::RefreshFailed`] (try again
+    /// later). A refresh may take up to 40 seconds upstream, after waiting for one that
+    /// another process is running: give the client a [`ClientConfig::request_timeout`] of
+    /// [`REFRESH_REQUEST_TIMEOUT`] to see the proxy's own answer instead of
+    /// [`ClientError::Timeout`].
+    pub async fn refresh_token(
+        &self,
+        provider: &str,
+        bucket: Option<&str>,
+    ) -> Result<Option<Token>> {
+        let reply = self.request(Op::RefreshToken.as_str(), scoped(provider, bucket));
+        let Some(data) = not_found_to_none(reply.await)? else {
+            return Ok(None);
+        };
+        Token::from_value(data)
+            .map(Some)
+            .map_err(|e| malformed(format!("refresh_token reply: {e}")))
     }
 
     /// Stores `token` for `provider`/`bucket`, merged into what is stored. Its
@@ -927,6 +959,43 @@ mod tests {
                 .unwrap();
             let stats = stats.unwrap();
             assert_eq!((stats.request_count, stats.last_used), (3, None));
+        };
+        tokio::join!(calls, serve);
+    }
+
+    #[tokio::test]
+    async fn refresh_token_sends_its_op_and_answers_the_token() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(
+                (&req["op"], &req["payload"]),
+                (
+                    &json!("refresh_token"),
+                    &json!({"provider":"anthropic","bucket":"work"})
+                )
+            );
+            let token = json!({"access_token":"at-2","expiry":9,"token_type":"Bearer"});
+            peer.ok(&req, token).await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(req["payload"], json!({"provider":"anthropic"}));
+            peer.fail(&req, "NOT_FOUND", json!({})).await;
+            let req = peer.recv().await.unwrap();
+            peer.fail(&req, "REAUTH_REQUIRED", json!({})).await;
+            peer
+        };
+        let calls = async {
+            let token = client.refresh_token("anthropic", Some("work")).await;
+            assert_eq!(token.unwrap().unwrap().fields()["access_token"], "at-2");
+            assert!(client
+                .refresh_token("anthropic", None)
+                .await
+                .unwrap()
+                .is_none());
+            let err = client.refresh_token("anthropic", None).await.unwrap_err();
+            assert_eq!(err.code(), Some(ErrorCode::ReauthRequired));
         };
         tokio::join!(calls, serve);
     }

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::Failure;
-use crate::client::{Client, ClientError, SOCKET_ENV};
+use crate::client::{Client, ClientConfig, ClientError, REFRESH_REQUEST_TIMEOUT, SOCKET_ENV};
 use crate::protocol::ErrorCode;
 use crate::secret::SecretBytes;
 use crate::token::Token;
@@ -30,6 +30,11 @@ pub mod exit {
     /// The output could not be written (stdout full, closed, or a pipe with no reader):
     /// the caller did not get what it asked for, so this is never success.
     pub const OUTPUT: u8 = 6;
+    /// The host's login is no longer valid (`REAUTH_REQUIRED`): a person must log in again
+    /// on the host; retrying will not help.
+    pub const REAUTH: u8 = 7;
+    /// A refresh failed for now (`REFRESH_FAILED`): try again later.
+    pub const REFRESH_FAILED: u8 = 8;
 }
 
 /// The exit code table, shown by `--help`.
@@ -38,10 +43,13 @@ Exit status of the token and key commands:
   0  success
   1  not found (NOT_FOUND, or `key has` answering false)
   2  usage error
-  3  refused by the proxy (UNAUTHORIZED, FORBIDDEN, RATE_LIMITED, INVALID_REQUEST, ...)
+  3  refused by the proxy (UNAUTHORIZED, FORBIDDEN, RATE_LIMITED, INVALID_REQUEST,
+     REFRESH_NOT_AVAILABLE, ...)
   4  proxy unreachable or connection lost
   5  proxy internal error
-  6  cannot write the output (stdout full, closed, or a pipe with no reader)";
+  6  cannot write the output (stdout full, closed, or a pipe with no reader)
+  7  a new login is needed on the host (REAUTH_REQUIRED): retrying will not help
+  8  the refresh failed for now (REFRESH_FAILED): try again later";
 
 /// Largest token JSON read from stdin by `token save`.
 const MAX_STDIN: u64 = 64 * 1024;
@@ -79,6 +87,15 @@ pub struct KeyArgs {
 pub enum TokenCommand {
     /// Print the sanitized token JSON
     Get {
+        /// Provider name
+        provider: String,
+        /// Bucket name [default: default]
+        #[arg(long)]
+        bucket: Option<String>,
+    },
+    /// Have the host refresh the token now and print the new sanitized token JSON (the
+    /// current one when it was refreshed in the last 30 s)
+    Refresh {
         /// Provider name
         provider: String,
         /// Bucket name [default: default]
@@ -146,16 +163,26 @@ pub enum KeyCommand {
     },
 }
 
-fn client(arg: &SocketArg) -> Result<Client, Failure> {
-    match &arg.socket {
-        Some(path) => Ok(Client::new(path)),
-        None => Client::from_env().map_err(|_| {
-            Failure::with_code(
-                format!("no proxy socket: set {SOCKET_ENV} or pass --socket PATH"),
-                exit::UNREACHABLE,
-            )
-        }),
+/// The client for `--socket` or the environment. `may_refresh`: the request may wait on a
+/// host-side refresh, so it gets [`REFRESH_REQUEST_TIMEOUT`] to see the proxy's own answer.
+fn client(arg: &SocketArg, may_refresh: bool) -> Result<Client, Failure> {
+    let path = match &arg.socket {
+        Some(path) => path.clone(),
+        None => std::env::var_os(SOCKET_ENV)
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                Failure::with_code(
+                    format!("no proxy socket: set {SOCKET_ENV} or pass --socket PATH"),
+                    exit::UNREACHABLE,
+                )
+            })?,
+    };
+    let mut config = ClientConfig::default();
+    if may_refresh {
+        config.request_timeout = REFRESH_REQUEST_TIMEOUT;
     }
+    Ok(Client::with_config(path, config))
 }
 
 /// Maps a client error to the documented exit status and a line naming the code.
@@ -165,6 +192,8 @@ fn failure(e: ClientError) -> Failure {
             let status = match e.code() {
                 Some(ErrorCode::NotFound) => exit::NOT_FOUND,
                 Some(ErrorCode::InternalError) => exit::INTERNAL,
+                Some(ErrorCode::ReauthRequired) => exit::REAUTH,
+                Some(ErrorCode::RefreshFailed) => exit::REFRESH_FAILED,
                 _ => exit::REFUSED,
             };
             // The proxy's sentence already says what happened; name the code once.
@@ -213,13 +242,26 @@ fn print_names(names: &[String], json: bool) -> Result<(), Failure> {
     emit(text.as_bytes())
 }
 
+/// Prints the sanitized token JSON on one line.
+fn print_token(token: &Token) -> Result<(), Failure> {
+    // Sized first: growing by reallocation would leave unwiped copies.
+    let mut text = SecretBytes(Vec::with_capacity(crate::token::json_len(token) + 1));
+    let _ = serde_json::to_writer(&mut text.0, token);
+    text.0.push(b'\n');
+    emit(&text.0)
+}
+
 fn not_found(what: String) -> Failure {
     Failure::with_code(format!("NOT_FOUND: {what}"), exit::NOT_FOUND)
 }
 
 /// Runs a `credproxy token` command; returns the exit status.
 pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
-    let client = client(&args.socket)?;
+    let may_refresh = matches!(
+        args.command,
+        TokenCommand::Get { .. } | TokenCommand::Refresh { .. }
+    );
+    let client = client(&args.socket, may_refresh)?;
     runtime()?.block_on(async move {
         match args.command {
             TokenCommand::Get { provider, bucket } => {
@@ -228,11 +270,15 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
                     .await
                     .map_err(failure)?;
                 let token = token.ok_or_else(|| not_found(format!("no token for {provider}")))?;
-                // Sized first: growing by reallocation would leave unwiped copies.
-                let mut text = SecretBytes(Vec::with_capacity(crate::token::json_len(&token) + 1));
-                let _ = serde_json::to_writer(&mut text.0, &token);
-                text.0.push(b'\n');
-                emit(&text.0)?;
+                print_token(&token)?;
+            }
+            TokenCommand::Refresh { provider, bucket } => {
+                let token = client
+                    .refresh_token(&provider, bucket.as_deref())
+                    .await
+                    .map_err(failure)?;
+                let token = token.ok_or_else(|| not_found(format!("no token for {provider}")))?;
+                print_token(&token)?;
             }
             TokenCommand::Save { provider, bucket } => {
                 // Allocated once: growing by reallocation would leave unwiped copies.
@@ -295,7 +341,7 @@ pub fn run_token(args: TokenArgs) -> Result<u8, Failure> {
 
 /// Runs a `credproxy key` command; returns the exit status.
 pub fn run_key(args: KeyArgs) -> Result<u8, Failure> {
-    let client = client(&args.socket)?;
+    let client = client(&args.socket, false)?;
     runtime()?.block_on(async move {
         let status = match args.command {
             KeyCommand::Get { name } => {

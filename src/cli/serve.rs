@@ -176,18 +176,33 @@ pub fn load_profile(path: Option<&std::path::Path>) -> Result<profile::ProfileFi
 /// The refresh configuration: the presets with the profile's `[provider.NAME]` tables, the
 /// profile's `refresh`, `refresh_margin` and `renew_before`, then the flags over them.
 pub fn refresh_config(loaded: &profile::ProfileFile, args: &ServeArgs) -> RefreshConfig {
+    let mut config = profile_refresh_config(loaded);
+    let settings = &mut config.settings;
+    if args.no_refresh {
+        settings.enabled = false;
+    }
+    if let Some(secs) = args.refresh_margin {
+        settings.margin = std::time::Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.renew_before {
+        settings.renew_before = std::time::Duration::from_secs(secs);
+    }
+    config
+}
+
+/// The refresh configuration of the profile alone: the presets with its `[provider.NAME]`
+/// tables, and its `refresh`, `refresh_margin` and `renew_before` (what the host's
+/// `credproxy store` commands see, with no serve flags).
+pub fn profile_refresh_config(loaded: &profile::ProfileFile) -> RefreshConfig {
     let mut config = RefreshConfig::default().with_endpoints(loaded.providers.clone());
     let settings = &mut config.settings;
     if let Some(on) = loaded.refresh {
         settings.enabled = on;
     }
-    if args.no_refresh {
-        settings.enabled = false;
-    }
-    if let Some(secs) = args.refresh_margin.or(loaded.refresh_margin) {
+    if let Some(secs) = loaded.refresh_margin {
         settings.margin = std::time::Duration::from_secs(secs);
     }
-    if let Some(secs) = args.renew_before.or(loaded.renew_before) {
+    if let Some(secs) = loaded.renew_before {
         settings.renew_before = std::time::Duration::from_secs(secs);
     }
     config

@@ -1,17 +1,57 @@
 //! `credproxy store ...`: manage the host-side file store. Values are read from stdin (or
 //! the terminal without echo with `--prompt`) and never printed; names and token JSON are
 //! validated exactly as the server validates them, under the same lock.
+//!
+//! Every command takes `--profile FILE` besides `--store DIR`, so it sees the providers
+//! (the presets with the profile's `[provider.NAME]` tables) that the servers on the store
+//! see. `store token status` shows each token's expiry and refresh state, and
+//! `store token refresh` runs the servers' refresh procedure ([`FlowEnv::run`]) under the
+//! same bucket lock, so both are safe beside running servers (PROTOCOL.md §14).
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use serde::Serialize;
 
-use super::serve::{open_store, StoreArg};
+use super::inside::exit;
+use super::serve::{load_profile, open_store, profile_refresh_config, StoreArg};
 use super::Failure;
 use crate::backend::{Backend, SaveMode, StoreError};
 use crate::names::{self, NameKind, DEFAULT_BUCKET};
+use crate::oauth::{Endpoint, Upstream};
+use crate::refresh::flow::{FlowEnv, FlowError, FlowOutput, Reason};
+use crate::refresh::{BucketKey, Clock, RefreshConfig};
 use crate::secret::{Secret, SecretBytes};
 use crate::token::Token;
+
+/// `--store DIR` and `--profile FILE`: the store, and the profile of the servers on it.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    /// Which store
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// The profile of the servers on this store (TOML, as for `serve`): its
+    /// [provider.NAME] tables name the token endpoints the refresh commands use
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+}
+
+/// The exit statuses of `credproxy store token refresh`, shown by its `--help`.
+const REFRESH_EXIT_HELP: &str = "\
+Exit status (the table of the token and key commands):
+  0  refreshed, or refreshed within the last 30 s and left as it is (cooldown)
+  1  not found: no token stored for PROVIDER:BUCKET
+  2  usage error (a bad name, a bad --profile)
+  3  refused: cannot be refreshed on the host (no token endpoint for the provider, or no
+     refresh token in the stored token)
+  5  the store failed (see the log above)
+  6  cannot write the output
+  7  a new login is needed: the token endpoint refused the refresh token (the message
+     says what to run)
+  8  the refresh failed for now (unreachable endpoint, server error, ...): try again later";
 
 /// Largest token JSON or API key read from stdin.
 const MAX_STDIN: u64 = 64 * 1024;
@@ -39,7 +79,7 @@ pub enum StoreCommand {
         bucket: String,
         /// Which store
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
 }
 
@@ -57,7 +97,7 @@ pub enum TokenCommand {
         #[arg(long)]
         prompt: bool,
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
     /// Remove a stored token (exit 1 when none was stored)
     Remove {
@@ -67,12 +107,36 @@ pub enum TokenCommand {
         #[arg(long, default_value = DEFAULT_BUCKET)]
         bucket: String,
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
     /// List provider:bucket pairs, never values
     List {
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
+    },
+    /// Show each stored token's expiry and refresh state, one provider:bucket a line
+    /// (never a token or a secret)
+    Status {
+        /// Only this provider's buckets
+        provider: Option<String>,
+        /// Print a JSON array of objects instead of lines
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Refresh a stored token now with its refresh token, at the provider's token endpoint
+    /// (safe beside running servers: it takes their lock); prints one status line, never
+    /// the token
+    #[command(after_help = REFRESH_EXIT_HELP)]
+    Refresh {
+        /// Provider name
+        provider: String,
+        /// Bucket name
+        #[arg(long, default_value = DEFAULT_BUCKET)]
+        bucket: String,
+        #[command(flatten)]
+        host: HostArgs,
     },
 }
 
@@ -87,19 +151,19 @@ pub enum KeyCommand {
         #[arg(long)]
         prompt: bool,
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
     /// Remove an API key (exit 1 when none was stored)
     Remove {
         /// Key name
         name: String,
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
     /// List API key names
     List {
         #[command(flatten)]
-        store: StoreArg,
+        host: HostArgs,
     },
 }
 
@@ -144,17 +208,29 @@ fn emit(text: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::new(format!("cannot write the output: {e}")))
 }
 
+/// `seconds` for a person: "42 s", "42 min", "3 h", "2 days".
+fn span(seconds: u64) -> String {
+    match seconds {
+        0..=59 => format!("{seconds} s"),
+        60..=5_399 => format!("{} min", (seconds + 30) / 60),
+        5_400..=172_799 => format!("{} h", (seconds + 1_800) / 3_600),
+        _ => format!("{} days", (seconds + 43_200) / 86_400),
+    }
+}
+
+/// `at` (epoch seconds) relative to `now`: "5 min ago" (or "in 5 min" for a time ahead of
+/// this clock).
+fn ago(at: u64, now: u64) -> String {
+    if at <= now {
+        format!("{} ago", span(now - at))
+    } else {
+        format!("in {}", span(at - now))
+    }
+}
+
 /// `expiry` (epoch seconds) relative to `now`, for a person: "expires in 42 min",
 /// "expired 3 h ago", "expiry unknown (treated as expired)" for 0.
 pub fn relative_expiry(expiry: u64, now: u64) -> String {
-    fn span(seconds: u64) -> String {
-        match seconds {
-            0..=59 => format!("{seconds} s"),
-            60..=5_399 => format!("{} min", (seconds + 30) / 60),
-            5_400..=172_799 => format!("{} h", (seconds + 1_800) / 3_600),
-            _ => format!("{} days", (seconds + 43_200) / 86_400),
-        }
-    }
     if expiry == 0 {
         "expiry unknown (treated as expired)".to_owned()
     } else if expiry > now {
@@ -164,15 +240,42 @@ pub fn relative_expiry(expiry: u64, now: u64) -> String {
     }
 }
 
+fn now() -> u64 {
+    crate::oauth::epoch_seconds(std::time::SystemTime::now())
+}
+
+impl StoreCommand {
+    /// The `--store` and `--profile` of the command.
+    fn host(&self) -> &HostArgs {
+        match self {
+            StoreCommand::Token(cmd) => match cmd {
+                TokenCommand::Set { host, .. }
+                | TokenCommand::Remove { host, .. }
+                | TokenCommand::List { host }
+                | TokenCommand::Status { host, .. }
+                | TokenCommand::Refresh { host, .. } => host,
+            },
+            StoreCommand::Key(cmd) => match cmd {
+                KeyCommand::Set { host, .. }
+                | KeyCommand::Remove { host, .. }
+                | KeyCommand::List { host } => host,
+            },
+            StoreCommand::Import { host, .. } => host,
+        }
+    }
+}
+
 /// Runs a `credproxy store` command.
 pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
+    // The profile first: a bad one is a usage error before anything is read or written.
+    let refresh = profile_refresh_config(&load_profile(cmd.host().profile.as_deref())?);
     let store_failed = |e: StoreError| Failure::new(format!("the store failed: {e}"));
     match cmd {
         StoreCommand::Token(TokenCommand::Set {
             provider,
             bucket,
             prompt,
-            store,
+            host,
         }) => {
             check_name(NameKind::Provider, &provider)?;
             check_name(NameKind::Bucket, &bucket)?;
@@ -183,25 +286,31 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
                 .map_err(|e| Failure::usage(format!("invalid token: token is {e}")))?;
             let token = Token::from_value(value)
                 .map_err(|e| Failure::usage(format!("invalid token: {e}")))?;
-            let backend = open_store(&store)?;
+            let backend = open_store(&host.store)?;
             backend
                 .save_token(&provider, &bucket, &token, SaveMode::Replace)
                 .map_err(store_failed)?;
-            let rt = if token.has_refresh_token() {
-                "with"
-            } else {
-                "without"
+            let note = match (
+                token.has_refresh_token(),
+                refresh.endpoints.contains_key(&provider),
+            ) {
+                (true, true) => "with a refresh token".to_owned(),
+                (true, false) => format!(
+                    "with a refresh token, but no token endpoint is known for {provider}: \
+                     it will not be refreshed (add [provider.{provider}] to the profile)"
+                ),
+                (false, _) => "without a refresh token".to_owned(),
             };
-            eprintln!("stored the token for {provider}:{bucket} ({rt} a refresh token)");
+            eprintln!("stored the token for {provider}:{bucket} ({note})");
         }
         StoreCommand::Token(TokenCommand::Remove {
             provider,
             bucket,
-            store,
+            host,
         }) => {
             check_name(NameKind::Provider, &provider)?;
             check_name(NameKind::Bucket, &bucket)?;
-            if !open_store(&store)?
+            if !open_store(&host.store)?
                 .remove_token(&provider, &bucket)
                 .map_err(store_failed)?
             {
@@ -211,8 +320,8 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             }
             eprintln!("removed the token for {provider}:{bucket}");
         }
-        StoreCommand::Token(TokenCommand::List { store }) => {
-            let backend = open_store(&store)?;
+        StoreCommand::Token(TokenCommand::List { host }) => {
+            let backend = open_store(&host.store)?;
             let mut text = String::new();
             for provider in backend.list_providers().map_err(store_failed)? {
                 for bucket in backend.list_buckets(&provider).map_err(store_failed)? {
@@ -221,11 +330,7 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             }
             emit(&text)?;
         }
-        StoreCommand::Key(KeyCommand::Set {
-            name,
-            prompt,
-            store,
-        }) => {
+        StoreCommand::Key(KeyCommand::Set { name, prompt, host }) => {
             check_name(NameKind::Key, &name)?;
             let mut input = read_secret_input(prompt, "API key")?;
             let bytes = &mut input.0;
@@ -244,14 +349,14 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             if key.is_empty() {
                 return Err(Failure::usage("the API key is empty"));
             }
-            open_store(&store)?
+            open_store(&host.store)?
                 .set_key(&name, &key)
                 .map_err(store_failed)?;
             eprintln!("stored the API key {name}");
         }
-        StoreCommand::Key(KeyCommand::Remove { name, store }) => {
+        StoreCommand::Key(KeyCommand::Remove { name, host }) => {
             check_name(NameKind::Key, &name)?;
-            if !open_store(&store)?
+            if !open_store(&host.store)?
                 .remove_key(&name)
                 .map_err(store_failed)?
             {
@@ -259,9 +364,9 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             }
             eprintln!("removed the API key {name}");
         }
-        StoreCommand::Key(KeyCommand::List { store }) => {
+        StoreCommand::Key(KeyCommand::List { host }) => {
             let mut text = String::new();
-            for name in open_store(&store)?.list_keys().map_err(store_failed)? {
+            for name in open_store(&host.store)?.list_keys().map_err(store_failed)? {
                 text.push_str(&name);
                 text.push('\n');
             }
@@ -271,10 +376,323 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             source,
             from,
             bucket,
-            store,
-        } => import(&source, from, &bucket, &store)?,
+            host,
+        } => import(&source, from, &bucket, &host.store)?,
+        StoreCommand::Token(TokenCommand::Status {
+            provider,
+            json,
+            host,
+        }) => {
+            if let Some(provider) = &provider {
+                check_name(NameKind::Provider, provider)?;
+            }
+            let backend = open_store(&host.store)?;
+            let entries = status_entries(&backend, provider.as_deref(), &refresh.endpoints, now())
+                .map_err(store_failed)?;
+            if json {
+                let mut text = serde_json::to_string(&entries)
+                    .map_err(|e| Failure::new(format!("cannot write the output: {e}")))?;
+                text.push('\n');
+                emit(&text)?;
+            } else if entries.is_empty() {
+                match &provider {
+                    Some(p) => eprintln!("no tokens stored for {p}"),
+                    None => eprintln!("no tokens stored"),
+                }
+            } else {
+                emit(&entries.iter().map(StatusEntry::line).collect::<String>())?;
+            }
+        }
+        StoreCommand::Token(TokenCommand::Refresh {
+            provider,
+            bucket,
+            host,
+        }) => refresh_now(&provider, &bucket, &host, refresh)?,
     }
     Ok(())
+}
+
+/// One line of `credproxy store token status`: never a token or a secret.
+#[derive(Debug, Serialize)]
+struct StatusEntry {
+    provider: String,
+    bucket: String,
+    /// Epoch seconds; 0 when unknown (treated as expired).
+    expiry: u64,
+    /// Seconds until the expiry, negative once expired.
+    expires_in: i64,
+    /// The provider has a token endpoint and the token a non-empty refresh token.
+    refreshable: bool,
+    needs_login: Option<NeedsLoginEntry>,
+    /// Epoch seconds of the last successful refresh, when one is recorded.
+    refreshed_at: Option<u64>,
+    /// Why it is not refreshable (text only).
+    #[serde(skip)]
+    why_not: Vec<String>,
+    #[serde(skip)]
+    now: u64,
+}
+
+/// The needs-login mark as `status --json` shows it (`code` always present, maybe null).
+#[derive(Debug, Serialize)]
+struct NeedsLoginEntry {
+    since: u64,
+    status: u16,
+    code: Option<String>,
+}
+
+impl StatusEntry {
+    /// The text line: `provider:bucket: expiry; refreshable; needs login; last refreshed`.
+    fn line(&self) -> String {
+        let mut parts = vec![relative_expiry(self.expiry, self.now)];
+        if self.refreshable {
+            parts.push("refreshable".to_owned());
+        } else {
+            parts.push(format!("not refreshable ({})", self.why_not.join(", ")));
+        }
+        if let Some(n) = &self.needs_login {
+            let code = n
+                .code
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
+            parts.push(format!(
+                "needs login (HTTP {}{code}, since {})",
+                n.status,
+                ago(n.since, self.now)
+            ));
+        }
+        if let Some(at) = self.refreshed_at {
+            parts.push(format!("last refreshed {}", ago(at, self.now)));
+        }
+        format!("{}:{}: {}\n", self.provider, self.bucket, parts.join("; "))
+    }
+}
+
+/// The status of every stored token (of `only` when given), sorted by provider then
+/// bucket. A token removed between the listing and its read is left out.
+fn status_entries(
+    backend: &dyn Backend,
+    only: Option<&str>,
+    endpoints: &BTreeMap<String, Endpoint>,
+    now: u64,
+) -> Result<Vec<StatusEntry>, StoreError> {
+    let providers = match only {
+        Some(p) => vec![p.to_owned()],
+        None => backend.list_providers()?,
+    };
+    let mut entries = Vec::new();
+    for provider in providers {
+        for bucket in backend.list_buckets(&provider)? {
+            // Only what is shown is kept; the token (with its refresh token) is dropped,
+            // and wiped, at the end of this block.
+            let (expiry, has_refresh_token) = match backend.get_token(&provider, &bucket)? {
+                Some(token) => (token.expiry(), token.has_refresh_token()),
+                None => continue,
+            };
+            let state = backend.refresh_state(&provider, &bucket)?;
+            let has_endpoint = endpoints.contains_key(&provider);
+            let mut why_not = Vec::new();
+            if !has_endpoint {
+                why_not.push(format!("no token endpoint for {provider}"));
+            }
+            if !has_refresh_token {
+                why_not.push("no refresh token".to_owned());
+            }
+            entries.push(StatusEntry {
+                expiry,
+                expires_in: expiry as i64 - now as i64,
+                refreshable: has_endpoint && has_refresh_token,
+                needs_login: state.needs_login.map(|n| NeedsLoginEntry {
+                    since: n.since,
+                    status: n.status,
+                    code: n.code,
+                }),
+                refreshed_at: state.refreshed_at,
+                why_not,
+                now,
+                provider: provider.clone(),
+                bucket,
+            });
+        }
+    }
+    Ok(entries)
+}
+
+/// `word` as one shell word: as it is when it has no special character, else quoted.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// What to run to log in again for `key`: `store import` for a provider another CLI logs
+/// in to, and `store token set`; with `--store DIR` when the command was given one.
+fn login_again(key: &BucketKey, store: &StoreArg) -> String {
+    use crate::import::Source;
+    let store = store
+        .store
+        .as_ref()
+        .map(|dir| format!(" --store {}", shell_word(&dir.to_string_lossy())))
+        .unwrap_or_default();
+    let set = format!(
+        "`credproxy store token set {} --bucket {}{store}` (token JSON on stdin)",
+        key.provider, key.bucket
+    );
+    let source = ["claude-code", "codex", "gemini-cli"]
+        .into_iter()
+        .filter_map(Source::parse)
+        .find(|s| s.provider() == key.provider);
+    match source {
+        Some(source) => format!(
+            "log in again with the {} CLI, then run `credproxy store import {} --bucket {}{store}`; \
+             or save a new token with {set}",
+            source.name(),
+            source.name(),
+            key.bucket
+        ),
+        None => format!("log in again and save the new token with {set}"),
+    }
+}
+
+/// `credproxy store token refresh`: one run of the servers' refresh procedure, explicit
+/// (so it runs even when the profile says `refresh = false`, and is skipped only in the
+/// cooldown), under the bucket's refresh lock in the store.
+fn refresh_now(
+    provider: &str,
+    bucket: &str,
+    host: &HostArgs,
+    mut config: RefreshConfig,
+) -> Result<(), Failure> {
+    check_name(NameKind::Provider, provider)?;
+    check_name(NameKind::Bucket, bucket)?;
+    let internal = |message: String| Failure::with_code(message, exit::INTERNAL);
+    let backend: Arc<dyn Backend> = Arc::new(
+        open_store(&host.store).map_err(|f| Failure::with_code(f.message, exit::INTERNAL))?,
+    );
+    config.settings.enabled = true;
+    let settings = config.settings;
+    let endpoints = Arc::new(config.endpoints);
+    let key = BucketKey::new(provider, Some(bucket));
+    let clock = Clock::system();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| internal(format!("cannot start the runtime: {e}")))?;
+    let output = runtime.block_on(async {
+        let upstream =
+            Upstream::with(config.timeouts, config.retry).map_err(|e| internal(e.to_string()))?;
+        let env = FlowEnv {
+            backend: Arc::clone(&backend),
+            endpoints: Arc::clone(&endpoints),
+            upstream,
+            settings,
+            clock: clock.clone(),
+            pool: tokio::runtime::Handle::current(),
+        };
+        Ok::<FlowOutput, Failure>(env.run(&key, Reason::Explicit).await)
+    })?;
+    drop(runtime);
+    let now = clock.now();
+    let state = || backend.refresh_state(&key.provider, &key.bucket).ok();
+    let line = match output.answer(Reason::Explicit, now) {
+        Ok(Some(token)) if output.renewed.is_some() => format!(
+            "refreshed {key}: the new token {}",
+            relative_expiry(token.expiry(), now)
+        ),
+        Ok(Some(token)) if output.went_upstream => format!(
+            "{key} was not refreshed: a new token was saved for it meanwhile, and it stands \
+             ({})",
+            relative_expiry(token.expiry(), now)
+        ),
+        Ok(Some(token)) => {
+            let cooldown = settings.cooldown.as_secs();
+            let when = match state().and_then(|s| s.refreshed_at) {
+                Some(at) => format!("refreshed {} s ago", now.saturating_sub(at)),
+                None => "refreshed moments ago".to_owned(),
+            };
+            format!(
+                "{key} was {when}, within the {cooldown} s cooldown: not refreshed again ({})",
+                relative_expiry(token.expiry(), now)
+            )
+        }
+        Ok(None) if output.went_upstream => {
+            let why = "was removed while it was being refreshed; it stays removed";
+            return Err(Failure::with_code(
+                format!("the token for {key} {why}"),
+                exit::NOT_FOUND,
+            ));
+        }
+        Ok(None) => {
+            return Err(Failure::with_code(
+                format!("no token stored for {key}"),
+                exit::NOT_FOUND,
+            ))
+        }
+        Err(FlowError::NotAvailable) => {
+            let why = if !endpoints.contains_key(&key.provider) {
+                format!(
+                    "no token endpoint is known for {p}; add a [provider.{p}] table (token_url, \
+                     client_id) to the servers' profile and pass it with --profile",
+                    p = key.provider
+                )
+            } else {
+                format!(
+                    "the stored token has no refresh token; {}",
+                    login_again(&key, &host.store)
+                )
+            };
+            return Err(Failure::with_code(
+                format!("{key} cannot be refreshed on the host: {why}"),
+                exit::REFUSED,
+            ));
+        }
+        Err(FlowError::Reauth) => {
+            let mark = state().and_then(|s| s.needs_login);
+            let what = match (&mark, output.went_upstream) {
+                (Some(n), fresh) => format!(
+                    " (HTTP {}{}, {})",
+                    n.status,
+                    n.code
+                        .as_deref()
+                        .map(|c| format!(" {c}"))
+                        .unwrap_or_default(),
+                    if fresh {
+                        "just now".to_owned()
+                    } else {
+                        format!("since {}", ago(n.since, now))
+                    }
+                ),
+                (None, _) => String::new(),
+            };
+            return Err(Failure::with_code(
+                format!(
+                    "the host's login for {key} is no longer valid: the token endpoint refused \
+                     its refresh token{what}; {}",
+                    login_again(&key, &host.store)
+                ),
+                exit::REAUTH,
+            ));
+        }
+        Err(FlowError::Failed) => {
+            return Err(Failure::with_code(
+                format!("refreshing {key} failed; try again later; see the log above"),
+                exit::REFRESH_FAILED,
+            ))
+        }
+        Err(FlowError::Store) => {
+            return Err(internal(format!(
+                "refreshing {key} failed: the store failed; see the log above"
+            )))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| Failure::with_code(format!("cannot write the output: {e}"), exit::OUTPUT))
 }
 
 /// `credproxy store import SOURCE`: reads another CLI's login (never changing its file),
