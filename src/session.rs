@@ -910,15 +910,28 @@ fn refresh_rejection(e: FlowError, key: &BucketKey) -> Rejection {
                  configured, the stored token has no refresh token, or refresh is turned off"
             ),
         ),
-        FlowError::Reauth => Rejection::new(
-            ErrorCode::ReauthRequired,
-            format!(
-                "the host's login for {key} has expired or was revoked: log in again on the \
-                 host (with the provider's CLI, then `credproxy store import`, or \
-                 `credproxy store token set {} --bucket {}`)",
-                key.provider, key.bucket
-            ),
-        ),
+        FlowError::Reauth => {
+            let import = crate::import::Source::ALL
+                .into_iter()
+                .find(|s| s.provider() == key.provider)
+                .map(|s| {
+                    format!(
+                        "log in with the {0} CLI, then run `credproxy store import {0} --bucket {1}`, or ",
+                        s.name(),
+                        key.bucket
+                    )
+                })
+                .unwrap_or_default();
+            Rejection::new(
+                ErrorCode::ReauthRequired,
+                format!(
+                    "the host's login for {key} has expired or was revoked: log in again on \
+                     the host ({import}save a new token with `credproxy store token set {} \
+                     --bucket {}`)",
+                    key.provider, key.bucket
+                ),
+            )
+        }
         FlowError::Failed => Rejection::new(
             ErrorCode::RefreshFailed,
             format!("refreshing {key} failed; try again later (the host's log says why)"),

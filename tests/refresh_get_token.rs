@@ -514,3 +514,46 @@ fn shutdown_abandons_a_refresh_that_outlives_the_grace_time() {
         "the store was cleared at shutdown"
     );
 }
+
+/// Fails the refresh lock, as a read-only or full store does.
+#[derive(Debug)]
+struct NoRefreshLock;
+
+impl common::hooked::Hook for NoRefreshLock {
+    fn before(&self, call: common::hooked::Call<'_>) -> Result<(), credproxy::backend::StoreError> {
+        match call {
+            common::hooked::Call::RefreshLock => Err(credproxy::backend::StoreError::Io {
+                op: "open",
+                path: "/store/refresh/anthropic/default.lock".into(),
+                source: std::io::Error::from_raw_os_error(30),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A store that cannot take the refresh lock still serves a valid token; an expired one
+/// gets `REFRESH_FAILED`, never an internal error with the host path.
+#[test]
+fn a_store_that_cannot_lock_serves_the_token_while_it_is_valid() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    for (expiry, expect) in [(now() + 30, None), (now() - 30, Some("REFRESH_FAILED"))] {
+        let backend = Arc::new(common::hooked::Hooked {
+            inner: store_with(expiry),
+            hook: NoRefreshLock,
+            blocking: true,
+        });
+        let mut server = RefreshServer::start(backend, refresh_config(&endpoint.url()));
+        let mut raw = server.connect();
+        let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+        match expect {
+            None => assert_eq!(access(&reply), "at-old", "{reply}"),
+            Some(code) => {
+                let message = assert_err(&reply, "1", code);
+                assert!(!message.contains("/store"), "{message}");
+            }
+        }
+        server.shutdown();
+    }
+    assert_eq!(endpoint.count(), 0);
+}

@@ -224,8 +224,15 @@ impl FlowEnv {
         let locked = match tokio::time::timeout(lock_wait(&self.upstream), locked).await {
             Ok(Ok(locked)) => locked,
             Ok(Err(e)) => {
-                tracing::error!(provider = %key.provider, bucket = %key.bucket, error = %e, "refresh: the store failed");
-                return FlowOutput::failed(None, FlowError::Store);
+                // The lock or the state cannot be had (a read-only store, a full disk):
+                // no refresh, but the stored token can still be the answer while valid.
+                tracing::error!(provider = %key.provider, bucket = %key.bucket, error = %e, "refresh: the store failed; serving the token as stored");
+                let (p, b) = (key.provider.clone(), key.bucket.clone());
+                return match self.blocking(move |s| s.get_token(&p, &b)).await {
+                    Ok(Some(token)) => FlowOutput::failed(Some(token.served()), FlowError::Failed),
+                    Ok(None) => FlowOutput::skipped(None),
+                    Err(_) => FlowOutput::failed(None, FlowError::Store),
+                };
             }
             Err(_) => {
                 tracing::warn!(provider = %key.provider, bucket = %key.bucket, waited_ms = started.elapsed().as_millis() as u64, "refresh: another refresh of this bucket held its lock too long");

@@ -104,7 +104,14 @@ impl Env<'_> {
 pub fn no_network(cmd: &mut Command) -> &mut Command {
     const NOWHERE: &str = "http://127.0.0.1:9";
     const LOOPBACK: &str = "127.0.0.1,localhost,::1";
-    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         cmd.env(name, NOWHERE);
     }
     cmd.env("NO_PROXY", LOOPBACK).env("no_proxy", LOOPBACK)
