@@ -717,8 +717,9 @@ fn inside_refresh_errors_map_to_their_exit_statuses_with_the_proxy_message() {
     let server = h.serve(&["--allow", "anthropic", "--allow", "custom"]);
     // An expired token: get_token refreshes it, the endpoint refuses.
     let expected = "credproxy: REAUTH_REQUIRED: the host's login for anthropic:default has \
-                    expired or was revoked: log in again on the host (with the provider's CLI, \
-                    then `credproxy store import`, or `credproxy store token set anthropic \
+                    expired or was revoked: log in again on the host (log in with the \
+                    claude-code CLI, then run `credproxy store import claude-code --bucket \
+                    default`, or save a new token with `credproxy store token set anthropic \
                     --bucket default`)";
     let run = inside(&server, &["token", "get", "anthropic"]);
     run.fails(7, &[]);
