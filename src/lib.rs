@@ -14,7 +14,11 @@
 //!   rate limiter, the in-flight bound, request checks and dispatch;
 //! - [`store::CredentialStore`] owns the [`backend`] (memory or file), sanitize and merge,
 //!   per provider:bucket ordering and the `get_token` counters;
-//! - [`policy::ScopePolicy`] holds the [`policy::Profile`] and answers scope decisions.
+//! - [`policy::ScopePolicy`] holds the [`policy::Profile`] and answers scope decisions;
+//! - [`refresh::Refresher`] keeps OAuth tokens fresh on the host (PROTOCOL.md §14): single
+//!   flight per provider:bucket, renewal timers, the store's per-bucket refresh lock, with
+//!   the HTTP side in [`oauth`]. [`Config::refresh`] sets it up (token endpoints, margins,
+//!   an injected clock).
 //!
 //! They talk only through typed messages, each defined next to the actor that handles it.
 //! The inside-the-sandbox side is [`client::Client`].
