@@ -557,3 +557,24 @@ fn a_store_that_cannot_lock_serves_the_token_while_it_is_valid() {
     }
     assert_eq!(endpoint.count(), 0);
 }
+
+/// A provider that issues tokens already expired (`expires_in` 0) is not asked again on
+/// every get_token: the cooldown holds it off.
+#[test]
+fn tokens_issued_expired_do_not_send_every_get_token_upstream() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.set_expires_in(0);
+    let memory = store_with(now() - 10);
+    let mut server = RefreshServer::start(memory.clone(), refresh_config(&endpoint.url()));
+    let mut raw = server.connect();
+    for i in 0..20 {
+        let reply = raw.call(
+            &i.to_string(),
+            "get_token",
+            json!({"provider": "anthropic"}),
+        );
+        assert_eq!(access(&reply), "at-1", "{reply}");
+    }
+    assert_eq!(endpoint.count(), 1);
+    server.shutdown();
+}

@@ -274,7 +274,10 @@ impl Refresher {
         }
         let failures = self.renewal_failures.entry(key.clone()).or_insert(0);
         *failures += 1;
-        let pause = self.renewal_retry * 2u32.saturating_pow((*failures - 1).min(10));
+        let pause = self
+            .renewal_retry
+            .checked_mul(2u32.saturating_pow((*failures - 1).min(10)))
+            .unwrap_or(Duration::MAX);
         let pause = pause.min(Duration::from_secs(expiry - now));
         tracing::debug!(provider = %key.provider, bucket = %key.bucket, pause_s = pause.as_secs(), "renewal failed; trying again later");
         self.cancel_timer(&key, ctx);

@@ -162,6 +162,10 @@ impl std::fmt::Debug for FlowEnv {
     }
 }
 
+/// Seconds a `refreshed_at` may lie ahead of the clock (another process's clock read a
+/// moment later) and still count for the cooldown.
+const CLOCK_SLACK: u64 = 5;
+
 /// How long a refresh waits for the bucket's refresh lock: a refresh elsewhere holds it at
 /// most for its own deadline, plus the store calls around it.
 pub fn lock_wait(upstream: &Upstream) -> Duration {
@@ -254,8 +258,14 @@ impl FlowEnv {
         if locked.state.needs_login.is_some() {
             return FlowOutput::failed(Some(current), FlowError::Reauth);
         }
+        // In the cooldown after a successful refresh (by any process): no request upstream,
+        // even for a token the provider issued already expired (`expires_in` 0), which would
+        // otherwise send every get_token upstream. A `refreshed_at` in the future (the
+        // clock was set back) does not count, or refresh would stop until the clock caught
+        // up.
         let cooling = locked.state.refreshed_at.is_some_and(|at| {
-            now < at.saturating_add(self.settings.cooldown.as_secs()) && stored.expiry() > now
+            at <= now.saturating_add(CLOCK_SLACK)
+                && now < at.saturating_add(self.settings.cooldown.as_secs())
         });
         let skip = match reason {
             Reason::Due => cooling || !is_due(stored.expiry(), now, self.settings.margin),
