@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::policy::Profile;
 use crate::refresh::RefreshConfig;
+use crate::source::{SourceSettings, SourceSpec};
 
 /// Limits and timers (PROTOCOL.md §11). The defaults are the protocol's values.
 #[derive(Debug, Clone)]
@@ -175,6 +176,11 @@ pub struct Config {
     /// Host-side refresh (PROTOCOL.md §14): on by default with the built-in provider
     /// presets; an embedding host may add its own token endpoints and inject a clock.
     pub refresh: RefreshConfig,
+    /// Command-backed sources (the profile's `[[token_command]]` and `[[key_command]]`):
+    /// credentials produced by a program on the host, held in memory only.
+    pub sources: Vec<SourceSpec>,
+    /// How sources run (timeout, default TTL, retry pauses).
+    pub source_settings: SourceSettings,
 }
 
 impl Config {
@@ -190,6 +196,8 @@ impl Config {
             release_memory_when_idle: false,
             harden_process: true,
             refresh: RefreshConfig::default(),
+            sources: Vec::new(),
+            source_settings: SourceSettings::default(),
         }
     }
 }

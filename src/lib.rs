@@ -56,6 +56,7 @@ pub mod secret;
 pub mod secret_json;
 pub mod session;
 pub mod socket;
+pub mod source;
 pub mod store;
 pub mod supervisor;
 pub mod token;

@@ -56,7 +56,7 @@ use crate::policy::Profile;
 pub const MAX_PROFILE_SIZE: u64 = 1 << 20;
 
 /// The keys a profile file may set, in the order error messages list them.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 11] = [
     "allow",
     "allow_key",
     "allow_all",
@@ -66,7 +66,12 @@ pub const KEYS: [&str; 9] = [
     "refresh_margin",
     "renew_before",
     "provider",
+    "token_command",
+    "key_command",
 ];
+
+/// The longest `ttl` of a command source, in seconds (one week).
+pub const MAX_SOURCE_TTL: u64 = 7 * 86_400;
 
 /// The keys of a `[provider.NAME]` table.
 pub const PROVIDER_KEYS: [&str; 4] = ["token_url", "client_id", "client_secret_key", "body"];
@@ -91,6 +96,8 @@ pub struct ProfileFile {
     /// The token endpoints of the `[provider.NAME]` tables, each resolved against its
     /// preset.
     pub providers: BTreeMap<String, Endpoint>,
+    /// The `[[token_command]]` and `[[key_command]]` sources, in file order.
+    pub sources: Vec<crate::source::SourceSpec>,
 }
 
 /// Why a profile file was refused. Every variant displays as one line naming the file.
@@ -149,6 +156,29 @@ struct Raw {
     renew_before: Option<Spanned<u64>>,
     #[serde(default)]
     provider: BTreeMap<Spanned<String>, Spanned<RawProvider>>,
+    #[serde(default)]
+    token_command: Vec<Spanned<RawTokenCommand>>,
+    #[serde(default)]
+    key_command: Vec<Spanned<RawKeyCommand>>,
+}
+
+/// One `[[token_command]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenCommand {
+    provider: Spanned<String>,
+    bucket: Option<Spanned<String>>,
+    command: Spanned<Vec<String>>,
+    ttl: Option<Spanned<u64>>,
+}
+
+/// One `[[key_command]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyCommand {
+    name: Spanned<String>,
+    command: Spanned<Vec<String>>,
+    ttl: Option<Spanned<u64>>,
 }
 
 /// One `[provider.NAME]` table as written.
@@ -276,7 +306,85 @@ pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
         })?;
         providers.insert(name.get_ref().clone(), endpoint);
     }
+    let mut sources: Vec<crate::source::SourceSpec> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut add_source = |target: crate::source::SourceTarget,
+                          at: Range<usize>,
+                          command: &Spanned<Vec<String>>,
+                          ttl: &Option<Spanned<u64>>|
+     -> Result<(), ProfileError> {
+        if command
+            .get_ref()
+            .first()
+            .map_or(true, |p| p.trim().is_empty())
+        {
+            return Err(invalid(
+                Some(command.span()),
+                format!("source {target}: `command` must name a program"),
+            ));
+        }
+        if let Some(ttl) = ttl {
+            if !(1..=MAX_SOURCE_TTL).contains(ttl.get_ref()) {
+                return Err(invalid(
+                    Some(ttl.span()),
+                    format!("source {target}: `ttl` must be 1 to {MAX_SOURCE_TTL} seconds"),
+                ));
+            }
+        }
+        if !seen.insert(target.clone()) {
+            return Err(invalid(
+                Some(at),
+                format!("source {target} is defined twice"),
+            ));
+        }
+        sources.push(crate::source::SourceSpec {
+            target,
+            command: command.get_ref().clone(),
+            ttl: ttl
+                .as_ref()
+                .map(|t| std::time::Duration::from_secs(*t.get_ref())),
+        });
+        Ok(())
+    };
+    for table in &raw.token_command {
+        let t = table.get_ref();
+        let name = |v: &Spanned<String>, kind, what| {
+            crate::names::check(kind, v.get_ref()).map_err(|m| {
+                invalid(
+                    Some(v.span()),
+                    format!("token_command {what}: {}", one_line(&m)),
+                )
+            })
+        };
+        name(&t.provider, crate::names::NameKind::Provider, "provider")?;
+        let bucket = match &t.bucket {
+            Some(b) => {
+                name(b, crate::names::NameKind::Bucket, "bucket")?;
+                b.get_ref().clone()
+            }
+            None => crate::names::DEFAULT_BUCKET.to_owned(),
+        };
+        let target = crate::source::SourceTarget::Token {
+            provider: t.provider.get_ref().clone(),
+            bucket,
+        };
+        add_source(target, table.span(), &t.command, &t.ttl)?;
+    }
+    for table in &raw.key_command {
+        let t = table.get_ref();
+        crate::names::check(crate::names::NameKind::Key, t.name.get_ref()).map_err(|m| {
+            invalid(
+                Some(t.name.span()),
+                format!("key_command name: {}", one_line(&m)),
+            )
+        })?;
+        let target = crate::source::SourceTarget::Key {
+            name: t.name.get_ref().clone(),
+        };
+        add_source(target, table.span(), &t.command, &t.ttl)?;
+    }
     Ok(ProfileFile {
+        sources,
         profile,
         rate_limit: raw.rate_limit,
         refresh: raw.refresh,
@@ -419,7 +527,8 @@ mod tests {
     #[test]
     fn unknown_keys() {
         let expected = "(expected one of allow, allow_key, allow_all, read_only, rate_limit, \
-                        refresh, refresh_margin, renew_before, provider)";
+                        refresh, refresh_margin, renew_before, provider, token_command, \
+                        key_command)";
         assert_err(
             "allow = []\nalow = [\"x\"]\n",
             2,
@@ -651,5 +760,49 @@ mod tests {
         assert!(p.allows_bucket("gemini", "work@example.com") && !p.allows_bucket("gemini", "x"));
         assert!(p.allows_key("gemini") && p.allows_key("openai") && !p.allows_provider("openai"));
         assert_eq!(f.rate_limit, Some(60));
+    }
+
+    #[test]
+    fn command_sources() {
+        let f = parse(
+            "[[token_command]]\nprovider = \"gcloud\"\ncommand = [\"gcloud\", \"auth\", \"print-access-token\"]\nttl = 2700\n\n[[key_command]]\nname = \"openai\"\ncommand = [\"op\", \"read\", \"op://x\"]\n",
+            Path::new("p.toml"),
+        )
+        .expect("parses");
+        assert_eq!(f.sources.len(), 2);
+        assert_eq!(
+            f.sources[0].target,
+            crate::source::SourceTarget::Token {
+                provider: "gcloud".into(),
+                bucket: "default".into()
+            }
+        );
+        assert_eq!(f.sources[0].ttl, Some(std::time::Duration::from_secs(2700)));
+        assert_eq!(f.sources[1].command, ["op", "read", "op://x"]);
+        for (text, want) in [
+            (
+                "[[token_command]]\nprovider = \"g\"\ncommand = []\n",
+                "line 3: source g:default: `command` must name a program",
+            ),
+            (
+                "[[key_command]]\nname = \"k\"\ncommand = [\"x\"]\nttl = 0\n",
+                "line 4: source key k: `ttl` must be 1 to 604800 seconds",
+            ),
+            (
+                "[[token_command]]\nprovider = \"a/b\"\ncommand = [\"x\"]\n",
+                "line 2: token_command provider",
+            ),
+            (
+                "[[key_command]]\nname = \"k\"\ncommand = [\"x\"]\n[[key_command]]\nname = \"k\"\ncommand = [\"y\"]\n",
+                "source key k is defined twice",
+            ),
+            (
+                "[[token_command]]\nprovider = \"g\"\ncommand = [\"x\"]\nshell = true\n",
+                "unknown key `shell`",
+            ),
+        ] {
+            let e = parse(text, Path::new("p.toml")).expect_err(text).to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        }
     }
 }

@@ -34,6 +34,8 @@ use crate::rate_limit::RateLimiter;
 use crate::refresh::engine::{Changed, Refresh, Refresher};
 use crate::refresh::flow::{FlowError, Reason};
 use crate::refresh::BucketKey;
+use crate::source::engine::{Fetch, Held, Sources};
+use crate::source::{SourceIndex, SourceTarget};
 use crate::store::{self, CredentialStore};
 
 /// Read buffer a new connection starts with; it grows to fit the frames actually sent.
@@ -58,6 +60,10 @@ pub struct Shared {
     pub refresher: Addr<Refresher>,
     /// When `get_token` asks the refresh engine first.
     pub refresh: RefreshGate,
+    /// The command sources actor, when the profile has sources.
+    pub sources: Option<Addr<Sources>>,
+    /// Which tokens and keys the command sources serve.
+    pub source_index: Arc<SourceIndex>,
 }
 
 /// What a session needs to tell, without asking anyone, whether a token `get_token` read
@@ -740,6 +746,9 @@ async fn run(
     match request {
         Request::GetToken { provider, bucket } => {
             let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
+            if is_sourced_token(sh, &provider, &bucket) {
+                return sourced_token(sh, provider, bucket, false).await;
+            }
             // The names are kept (copied) only for a provider that may need a refresh.
             let gate = Some(&sh.refresh).filter(|g| g.covers(&provider));
             let names = gate.map(|_| (provider.clone(), bucket.clone()));
@@ -760,6 +769,9 @@ async fn run(
         }
         Request::RefreshToken { provider, bucket } => {
             let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
+            if is_sourced_token(sh, &provider, &bucket) {
+                return sourced_token(sh, provider, bucket, true).await;
+            }
             refresh(sh, provider, bucket, Reason::Explicit).await
         }
         Request::SaveToken {
@@ -768,6 +780,9 @@ async fn run(
             token,
         } => {
             let (provider, bucket) = check(write(provider, bucket)).await?.into_names();
+            if is_sourced_token(sh, &provider, &bucket) {
+                return Err(sourced_write(&provider, &bucket));
+            }
             let save = store::SaveToken {
                 provider,
                 bucket,
@@ -797,6 +812,9 @@ async fn run(
         }
         Request::RemoveToken { provider, bucket } => {
             let (provider, bucket) = check(write(provider, bucket)).await?.into_names();
+            if is_sourced_token(sh, &provider, &bucket) {
+                return Err(sourced_write(&provider, &bucket));
+            }
             let key = BucketKey {
                 provider: provider.clone(),
                 bucket: bucket.clone(),
@@ -810,30 +828,34 @@ async fn run(
             }
         }
         Request::ListProviders => {
-            let all = store
+            let mut all = store
                 .send(store::ListProviders)
                 .await
                 .map_err(|_| internal())?;
+            merge_names(&mut all, sh.source_index.providers());
             let providers = filtered(sh, ListKind::Providers, all).await?;
             Ok(ReplyData::Json(json!({ "providers": providers })))
         }
         Request::ListBuckets { provider } => {
             let (provider, _) = check(Subject::Provider(provider)).await?.into_names();
-            let all = store
+            let mut all = store
                 .send(store::ListBuckets {
                     provider: provider.clone(),
                 })
                 .await
                 .map_err(|_| internal())?;
+            merge_names(&mut all, sh.source_index.buckets(&provider));
             let buckets = filtered(sh, ListKind::Buckets(provider), all).await?;
             Ok(ReplyData::Json(json!({ "buckets": buckets })))
         }
         Request::GetBucketStats { provider, bucket } => {
             let (provider, bucket) = check(read(provider, bucket)).await?.into_names();
+            let sourced = is_sourced_token(sh, &provider, &bucket);
             match store
                 .send(store::GetStats {
                     provider,
                     bucket: bucket.clone(),
+                    sourced,
                 })
                 .await
             {
@@ -854,6 +876,13 @@ async fn run(
         }
         Request::GetApiKey { name } => {
             let (name, _) = check(Subject::Key(name)).await?.into_names();
+            if sh.source_index.has_key(&name) {
+                let target = SourceTarget::Key { name };
+                return match fetch(sh, target.clone(), false).await? {
+                    Held::Key(key) => Ok(ReplyData::Json(json!({ "key": key.expose() }))),
+                    Held::Token(_) => Err(internal()),
+                };
+            }
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(Some(key))) => Ok(ReplyData::Json(json!({ "key": key.expose() }))),
                 Ok(Ok(None)) => Err(not_found("API key")),
@@ -861,17 +890,87 @@ async fn run(
             }
         }
         Request::ListApiKeys => {
-            let all = store.send(store::ListKeys).await.map_err(|_| internal())?;
+            let mut all = store.send(store::ListKeys).await.map_err(|_| internal())?;
+            merge_names(&mut all, sh.source_index.keys());
             let keys = filtered(sh, ListKind::Keys, all).await?;
             Ok(ReplyData::Json(json!({ "keys": keys })))
         }
         Request::HasApiKey { name } => {
             let (name, _) = check(Subject::Key(name)).await?.into_names();
+            if sh.source_index.has_key(&name) {
+                return Ok(ReplyData::Json(json!({ "exists": true })));
+            }
             match store.send(store::GetKey { name }).await {
                 Ok(Ok(key)) => Ok(ReplyData::Json(json!({ "exists": key.is_some() }))),
                 _ => Err(internal()),
             }
         }
+    }
+}
+
+/// True when provider:bucket is served by a command source.
+fn is_sourced_token(sh: &Shared, provider: &str, bucket: &str) -> bool {
+    !sh.source_index.is_empty() && sh.source_index.has_token(provider, bucket)
+}
+
+/// Adds the names `sources` serve to a store list, sorted, without duplicates.
+fn merge_names<'a>(all: &mut Vec<String>, sources: impl Iterator<Item = &'a String>) {
+    let before = all.len();
+    all.extend(sources.cloned());
+    if all.len() != before {
+        all.sort();
+        all.dedup();
+    }
+}
+
+/// The refusal of a save or removal of a token a command source serves.
+fn sourced_write(provider: &str, bucket: &str) -> Rejection {
+    Rejection::new(
+        ErrorCode::Forbidden,
+        format!(
+            "{provider}:{bucket} is served from a command on the host (the profile's \
+             token_command); it cannot be changed from the sandbox"
+        ),
+    )
+}
+
+/// The value of a command source.
+async fn fetch(sh: &Shared, target: SourceTarget, explicit: bool) -> Result<Held, Rejection> {
+    let Some(sources) = &sh.sources else {
+        return Err(internal());
+    };
+    let label = target.to_string();
+    match sources.send(Fetch { target, explicit }).await {
+        Ok(Ok(held)) => Ok(held),
+        Ok(Err(_)) => Err(Rejection::new(
+            ErrorCode::RefreshFailed,
+            format!(
+                "the command on the host that provides {label} failed and no valid value is \
+                 left; it is retried in the background (the host's log says why)"
+            ),
+        )),
+        Err(_) => Err(internal()),
+    }
+}
+
+/// `get_token` (or `refresh_token`) of a token a command source serves; counted for
+/// stats like a stored one.
+async fn sourced_token(
+    sh: &Shared,
+    provider: String,
+    bucket: String,
+    explicit: bool,
+) -> Result<ReplyData, Rejection> {
+    let target = SourceTarget::Token {
+        provider: provider.clone(),
+        bucket: bucket.clone(),
+    };
+    match fetch(sh, target, explicit).await? {
+        Held::Token(token) => {
+            sh.store.do_send(store::CountGet { provider, bucket });
+            Ok(ReplyData::Token(token))
+        }
+        Held::Key(_) => Err(internal()),
     }
 }
 

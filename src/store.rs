@@ -475,7 +475,8 @@ impl Handler<ListBuckets> for CredentialStore {
     }
 }
 
-/// Stats of `provider:bucket`; `None` when no token is stored there.
+/// Stats of `provider:bucket`; `None` when no token is stored there (and it is not
+/// `sourced`).
 #[derive(Debug, Message)]
 #[rtype(result = "StoreResult<Option<BucketStats>>")]
 pub struct GetStats {
@@ -483,12 +484,37 @@ pub struct GetStats {
     pub provider: String,
     /// Bucket.
     pub bucket: String,
+    /// Served by a command source: it exists whatever the store holds.
+    pub sourced: bool,
+}
+
+/// Counts a `get_token` answered from elsewhere (a command source) in the stats.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CountGet {
+    /// Provider.
+    pub provider: String,
+    /// Bucket.
+    pub bucket: String,
+}
+
+impl Handler<CountGet> for CredentialStore {
+    type Result = ();
+
+    fn handle(&mut self, msg: CountGet, _: &mut Context<Self>) {
+        self.record_get(&msg.provider, &msg.bucket);
+    }
 }
 
 impl Handler<GetStats> for CredentialStore {
     type Result = ResponseActFuture<Self, StoreResult<Option<BucketStats>>>;
 
     fn handle(&mut self, msg: GetStats, _: &mut Context<Self>) -> Self::Result {
+        if msg.sourced {
+            return Box::pin(fut::ready(Ok(Some(
+                self.stats_for(&msg.provider, &msg.bucket),
+            ))));
+        }
         let (p, b) = (msg.provider.clone(), msg.bucket.clone());
         let exists = self.run("get_bucket_stats", None, move |s| {
             Ok(s.get_served_token(&p, &b)?.is_some())

@@ -45,6 +45,8 @@ use crate::policy::{self, ScopePolicy};
 use crate::refresh::engine::{self, Refresher};
 use crate::session::{self, Peer, RefreshGate, Session, SessionClosed, Shared};
 use crate::socket;
+use crate::source::engine::{Sources, StopSources};
+use crate::source::{SourceIndex, SourceTarget};
 use crate::store::{self, CredentialStore};
 
 /// The supervisor actor. Named like actix's own `Supervisor`: do not glob-import
@@ -60,6 +62,8 @@ pub struct Supervisor {
     policy: Addr<ScopePolicy>,
     refresher: Addr<Refresher>,
     refresh_gate: RefreshGate,
+    sources: Option<Addr<Sources>>,
+    source_index: Arc<SourceIndex>,
     shared: Option<Arc<Shared>>,
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
@@ -113,6 +117,24 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Says at start which stored tokens and keys a command source hides.
+fn warn_shadowed(backend: &dyn crate::backend::Backend, sources: &[crate::source::SourceSpec]) {
+    for spec in sources {
+        let shadowed = match &spec.target {
+            SourceTarget::Token { provider, bucket } => backend
+                .list_buckets(provider)
+                .is_ok_and(|b| b.iter().any(|x| x == bucket)),
+            SourceTarget::Key { name } => backend
+                .list_keys()
+                .is_ok_and(|k| k.iter().any(|x| x == name)),
+        };
+        if shadowed {
+            tracing::warn!(source = %spec.target, "a command source shadows the stored credential of the same name; the store's is not served while the source is configured");
+        }
+        tracing::info!(source = %spec.target, program = %spec.command[0], "command source configured");
+    }
+}
+
 /// At most one "connections refused" warning per this interval.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -134,6 +156,9 @@ pub struct ShutdownReport {
     pub refreshes_abandoned: u64,
     /// The credential store was wiped and stopped.
     pub store_cleared: bool,
+    /// The command sources' values were wiped, their commands killed and timers
+    /// cancelled (true when there were none).
+    pub sources_cleared: bool,
     /// The policy was cleared and stopped.
     pub policy_cleared: bool,
     /// The socket file was removed.
@@ -230,6 +255,17 @@ impl Supervisor {
             margin: config.refresh.settings.margin,
             clock: config.refresh.clock.clone(),
         };
+        let source_index = Arc::new(SourceIndex::new(&config.sources));
+        warn_shadowed(config.backend.as_ref(), &config.sources);
+        let sources = (!config.sources.is_empty()).then(|| {
+            Sources::new(
+                config.sources.clone(),
+                config.source_settings,
+                config.refresh.settings,
+                config.refresh.clock.clone(),
+            )
+            .start()
+        });
         let refresher = Refresher::new(
             Arc::clone(&config.backend),
             config.profile.clone(),
@@ -250,6 +286,8 @@ impl Supervisor {
             policy,
             refresher,
             refresh_gate,
+            sources,
+            source_index,
             shared: None,
             sessions: HashMap::new(),
             next_id: 0,
@@ -345,6 +383,8 @@ impl Actor for Supervisor {
             limits: self.limits.clone(),
             refresher: self.refresher.clone(),
             refresh: self.refresh_gate.clone(),
+            sources: self.sources.clone(),
+            source_index: Arc::clone(&self.source_index),
         }));
         if let Some(listener) = self.listener.take() {
             let stream = AcceptStream {
@@ -522,6 +562,7 @@ impl Handler<Shutdown> for Supervisor {
         let wait = self.limits.shutdown_grace + self.limits.close_linger + DRAIN_MARGIN;
         let drained = tokio::time::timeout(wait, drained);
         let (store, policy) = (self.store.clone(), self.policy.clone());
+        let sources = self.sources.clone();
         // 2 (refresh): the scan and the renewal timers stop at once; refreshes in flight
         // share the sessions' grace time, alongside the drain.
         let refresher = self.refresher.send(engine::Stop {
@@ -549,8 +590,12 @@ impl Handler<Shutdown> for Supervisor {
                 }
                 Err(_) => tracing::warn!("some sessions did not drain in time; dropping them"),
             }
-            // 5. wipe the store, then the policy.
+            // 5. wipe the store and the sources' values, then the policy.
             report.store_cleared = store.send(store::Clear).await.is_ok();
+            report.sources_cleared = match sources {
+                Some(sources) => sources.send(StopSources).await.is_ok(),
+                None => true,
+            };
             report.policy_cleared = policy.send(policy::Clear).await.is_ok();
             report
         };

@@ -131,6 +131,7 @@ pub fn open_store(arg: &StoreArg) -> Result<FileBackend, Failure> {
 pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     let loaded = load_profile(args.profile.as_deref())?;
     let refresh = refresh_config(&loaded, args);
+    let sources = loaded.sources.clone();
     let (mut profile, file_rate) = (loaded.profile, loaded.rate_limit);
     profile.allow_all |= args.allow_all;
     profile.read_only |= args.read_only;
@@ -144,6 +145,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     let mut config = Config::new(Arc::new(backend));
     config.profile = profile;
     config.refresh = refresh;
+    config.sources = sources;
     config.socket_dir = args.socket_dir.clone();
     config.extra_uids = args.allow_uid.clone();
     // The server is the whole process here: give memory back after a burst.
