@@ -32,7 +32,7 @@ use crate::protocol::{
 };
 use crate::rate_limit::RateLimiter;
 use crate::refresh::engine::{Changed, Refresh, Refresher};
-use crate::refresh::flow::{FlowError, Reason};
+use crate::refresh::flow::{FlowError, FlowOutput, Reason};
 use crate::refresh::BucketKey;
 use crate::source::engine::{Fetch, Held, Sources};
 use crate::source::{SourceIndex, SourceTarget};
@@ -762,7 +762,7 @@ async fn run(
                 if token.has_refresh_token()
                     && crate::refresh::schedule::is_due(token.expiry(), now, gate.margin)
                 {
-                    return refresh(sh, provider, bucket, Reason::Due).await;
+                    return refresh(sh, provider, bucket, Reason::Due, Some(token)).await;
                 }
             }
             Ok(ReplyData::Token(token))
@@ -772,7 +772,7 @@ async fn run(
             if is_sourced_token(sh, &provider, &bucket) {
                 return sourced_token(sh, provider, bucket, true).await;
             }
-            refresh(sh, provider, bucket, Reason::Explicit).await
+            refresh(sh, provider, bucket, Reason::Explicit, None).await
         }
         Request::SaveToken {
             provider,
@@ -981,17 +981,27 @@ async fn refresh(
     provider: String,
     bucket: String,
     reason: Reason,
+    read: Option<crate::token::ServedToken>,
 ) -> Result<ReplyData, Rejection> {
     let key = BucketKey { provider, bucket };
-    let output = sh
+    let output = match sh
         .refresher
         .send(Refresh {
             key: key.clone(),
             reason,
         })
         .await
-        .map_err(|_| internal())?;
-    match output.answer(reason, sh.refresh.clock.now()) {
+    {
+        Ok(output) => output,
+        // The engine is gone (shutdown): the token read stands in, while valid.
+        Err(_) => FlowOutput::failed_without_token(FlowError::Failed),
+    };
+    if output.went_upstream {
+        // A read of the store begun before this refresh wrote must not answer a later
+        // get_token.
+        sh.store.do_send(store::Wrote);
+    }
+    match output.answer(reason, sh.refresh.clock.now(), read.as_ref()) {
         Ok(Some(token)) => Ok(ReplyData::Token(token)),
         Ok(None) => Err(not_found("token")),
         Err(e) => Err(refresh_rejection(e, &key)),

@@ -488,6 +488,20 @@ pub struct GetStats {
     pub sourced: bool,
 }
 
+/// Something else (a refresh) wrote a token: reads begun before now are not shared with
+/// later `get_token`s.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Wrote;
+
+impl Handler<Wrote> for CredentialStore {
+    type Result = ();
+
+    fn handle(&mut self, _: Wrote, _: &mut Context<Self>) {
+        self.writes_done += 1;
+    }
+}
+
 /// Counts a `get_token` answered from elsewhere (a command source) in the stats.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

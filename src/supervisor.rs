@@ -565,8 +565,12 @@ impl Handler<Shutdown> for Supervisor {
         let sources = self.sources.clone();
         // 2 (refresh): the scan and the renewal timers stop at once; refreshes in flight
         // share the sessions' grace time, alongside the drain.
+        // The engine gives up a little before the sessions do, so that a request waiting
+        // on an abandoned refresh is still answered (REFRESH_FAILED) before its
+        // connection closes.
+        let grace = self.limits.shutdown_grace;
         let refresher = self.refresher.send(engine::Stop {
-            grace: self.limits.shutdown_grace,
+            grace: grace.saturating_sub((grace / 5).min(Duration::from_secs(1))),
         });
         let work = async move {
             let mut report = ShutdownReport {

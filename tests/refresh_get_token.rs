@@ -353,10 +353,78 @@ fn a_failed_refresh_of_a_still_valid_token_serves_the_stored_one() {
     let mut raw = server.connect();
     let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
     assert_eq!(access(&reply), "at-old", "{reply}");
+    assert_eq!(endpoint.count(), 3, "three attempts");
+    // Within the failure back-off: the stored token while valid, the failure for an
+    // explicit refresh, and nothing more upstream however often the sandbox asks.
+    for i in 0..20 {
+        let reply = raw.call(
+            &format!("g{i}"),
+            "get_token",
+            json!({"provider": "anthropic"}),
+        );
+        assert_eq!(access(&reply), "at-old", "{reply}");
+    }
     let reply = raw.call("2", "refresh_token", json!({"provider": "anthropic"}));
     assert_err(&reply, "2", "REFRESH_FAILED");
-    assert_eq!(endpoint.count(), 6);
+    assert_eq!(endpoint.count(), 3);
     server.shutdown();
+}
+
+/// An expired token whose refresh keeps failing: a sandbox polling it gets REFRESH_FAILED
+/// at once and the provider sees one refresh (3 attempts) per back-off period, not one
+/// per request.
+#[test]
+fn a_polling_sandbox_cannot_make_the_host_hammer_the_provider() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint.push((0..30).map(|_| Reply::error(400, "invalid_request", "x")));
+    let memory = store_with(now() - 10);
+    let mut config = refresh_config(&endpoint.url());
+    config.failure_backoff = std::time::Duration::from_millis(500);
+    let mut server = RefreshServer::start(memory.clone(), config);
+    let mut raw = server.connect();
+    for i in 0..20 {
+        let reply = raw.call(
+            &i.to_string(),
+            "get_token",
+            json!({"provider": "anthropic"}),
+        );
+        assert_err(&reply, &i.to_string(), "REFRESH_FAILED");
+    }
+    assert_eq!(
+        endpoint.count(),
+        1,
+        "a refusal is not retried, and then backed off"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let reply = raw.call("again", "get_token", json!({"provider": "anthropic"}));
+    assert_err(&reply, "again", "REFRESH_FAILED");
+    assert_eq!(endpoint.count(), 2, "tried again after the back-off");
+    server.shutdown();
+}
+
+/// A refresh that cannot get the bucket's lock in time answers with the token read while
+/// it is valid, REFRESH_FAILED once expired; never NOT_FOUND for a stored token.
+#[test]
+fn a_busy_refresh_lock_never_answers_not_found() {
+    let endpoint = TokenEndpoint::start("rt-0");
+    for (expiry, expect_valid) in [(now() + 25, true), (now() - 25, false)] {
+        let memory = store_with(expiry);
+        let mut config = refresh_config(&endpoint.url());
+        // lock wait = total + 5 s: keep it short.
+        config.timeouts.total = std::time::Duration::from_millis(100);
+        let mut server = RefreshServer::start(memory.clone(), config);
+        let held = memory.refresh_lock("anthropic", "default").unwrap();
+        let mut raw = server.connect();
+        let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+        if expect_valid {
+            assert_eq!(access(&reply), "at-old", "{reply}");
+        } else {
+            assert_err(&reply, "1", "REFRESH_FAILED");
+        }
+        drop(held);
+        server.shutdown();
+    }
+    assert_eq!(endpoint.count(), 0);
 }
 
 #[test]
@@ -506,9 +574,9 @@ fn shutdown_abandons_a_refresh_that_outlives_the_grace_time() {
     );
     assert!(report.refresher_stopped);
     assert_eq!(report.refreshes_abandoned, 1);
-    if let Some(reply) = raw.try_recv() {
-        assert_err(&reply, "g", "REFRESH_FAILED");
-    }
+    // The request was answered before the connection closed: the refresh failed.
+    let reply = raw.try_recv().expect("an answer before the close");
+    assert_err(&reply, "g", "REFRESH_FAILED");
     assert!(
         memory.get_token("anthropic", "default").is_err(),
         "the store was cleared at shutdown"

@@ -184,3 +184,42 @@ fn no_secret_or_upstream_body_in_trace_logs_or_on_the_wire() {
         );
     }
 }
+
+/// A plain-http loopback token endpoint is reached directly even when the environment
+/// names a proxy (and no NO_PROXY): the refresh token never travels through a proxy.
+#[test]
+fn a_loopback_endpoint_is_never_reached_through_a_proxy() {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for conn in proxy.incoming() {
+            if conn.is_ok() {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let endpoint = TokenEndpoint::start("rt-0");
+    let fx = Fixture::new();
+    fx.seed_expired("anthropic", "default", "rt-0");
+    let profile = fx.refresh_profile(&endpoint.url());
+    let vars = [
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("http_proxy", proxy_url.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ];
+    let server = fx.start_serve(&["--profile", profile.as_str()], Env::ISOLATED.with(&vars));
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(data(&reply)["access_token"], "at-1", "{reply}");
+    assert_eq!(endpoint.count(), 1);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing went to the proxy");
+    server.stop(nix::sys::signal::Signal::SIGTERM);
+}

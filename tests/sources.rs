@@ -226,32 +226,34 @@ fn concurrent_requests_share_one_run() {
     server.shutdown();
 }
 
-/// The first run succeeds with a 3 s value; every later run fails. The value is served
+/// The first run succeeds with a 10 s value; every later run fails. The value is served
 /// until it expires, then REFRESH_FAILED; the command is retried in the background.
+/// (Expiries are whole epoch seconds, so the value lives 9 to 10 s.)
 #[test]
 fn the_last_good_value_is_served_until_it_expires() {
     let dir = tempfile::tempdir().unwrap();
     let count = dir.path().join("runs");
     let script = format!(
         "echo run >> '{c}'; if [ $(wc -l < '{c}') -gt 1 ]; then exit 1; fi; \
-         printf '{{\"token\":\"good\",\"expires_in\":3}}'",
+         printf '{{\"token\":\"good\",\"expires_in\":10}}'",
         c = count.display()
     );
     let mut server = Server::start(vec![token_source("flaky", sh(&script), None)]);
     let mut raw = server.connect();
+    let started = Instant::now();
     let reply = raw.call("1", "get_token", json!({"provider": "flaky"}));
     assert_eq!(data(&reply)["access_token"], "good");
-    std::thread::sleep(Duration::from_millis(2500));
-    // Renewal ran (lead = a quarter of 3 s) and failed; retries follow.
+    // Renewal comes a quarter of the life ahead (7 to 7.5 s), fails, and is retried.
+    std::thread::sleep(Duration::from_millis(8300).saturating_sub(started.elapsed()));
     let reply = raw.call("2", "get_token", json!({"provider": "flaky"}));
     assert_eq!(data(&reply)["access_token"], "good", "still valid: {reply}");
     assert!(lines(&count) >= 2, "renewed ahead and retried");
-    std::thread::sleep(Duration::from_millis(1000));
-    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(10_500).saturating_sub(started.elapsed()));
+    let asked = Instant::now();
     let reply = raw.call("3", "get_token", json!({"provider": "flaky"}));
     assert_err(&reply, "3", "REFRESH_FAILED");
     assert!(
-        started.elapsed() < Duration::from_millis(200),
+        asked.elapsed() < Duration::from_millis(200),
         "no waiting on a retry"
     );
     server.shutdown();

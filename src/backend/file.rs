@@ -108,6 +108,10 @@ const DIR_MODE: u32 = 0o700;
 /// Store files are tiny; anything larger is refused rather than read into memory.
 const MAX_FILE_LEN: u64 = 1 << 20;
 
+/// The longest [`Backend::refresh_lock`] waits for another holder: a refresh holds it for
+/// its 40 s deadline and a few store calls at most.
+const REFRESH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(50);
+
 /// Spare capacity kept in a buffer that `read_to_end` fills with secrets: with less than
 /// 32 bytes spare, std reads into a 32-byte stack buffer first (never wiped).
 pub(crate) const PROBE_SLACK: usize = 64;
@@ -511,8 +515,15 @@ impl Backend for FileBackend {
         let refresh = match self.refresh_dir(&root, provider, false)? {
             Some(refresh) => {
                 let (mut state, rewrite) = self.state_to_update(&refresh, bucket)?;
-                let rewrite = rewrite || state.needs_login.is_some();
+                // A replaced token is a new login: its bookkeeping starts over (no mark,
+                // no cooldown from the old login's refresh). A merge from the sandbox
+                // clears the mark only.
+                let reset = mode == SaveMode::Replace && state.refreshed_at.is_some();
+                let rewrite = rewrite || reset || state.needs_login.is_some();
                 state.needs_login = None;
+                if mode == SaveMode::Replace {
+                    state.refreshed_at = None;
+                }
                 rewrite.then_some((refresh, state))
             }
             None => None,
@@ -690,11 +701,20 @@ impl Backend for FileBackend {
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(corrupt(&path, "not a regular file"));
         }
+        // Polled without blocking, so that a wait is bounded (REFRESH_LOCK_WAIT) and never
+        // parks a worker thread for good behind a process that hangs holding the lock.
         let mut file = File::from(fd);
+        let deadline = std::time::Instant::now() + REFRESH_LOCK_WAIT;
+        let mut pause = std::time::Duration::from_millis(5);
         loop {
-            match Flock::lock(file, FlockArg::LockExclusive) {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(RefreshLock::new(lock)),
                 Err((f, Errno::EINTR)) => file = f,
+                Err((f, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                    file = f;
+                }
                 Err((_, errno)) => return Err(io_err("lock", &path)(errno.into())),
             }
         }

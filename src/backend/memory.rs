@@ -165,8 +165,12 @@ impl Backend for MemoryBackend {
             served: token.served(),
         };
         buckets.insert(bucket.to_owned(), stored);
-        // A saved token is a new login as far as refresh is concerned.
-        if let Some(state) = c.states.get_mut(&(provider.to_owned(), bucket.to_owned())) {
+        // A saved token clears the needs-login mark; a replaced one is a new login, whose
+        // bookkeeping starts over (no cooldown from the old login's refresh).
+        let key = (provider.to_owned(), bucket.to_owned());
+        if mode == SaveMode::Replace {
+            c.states.remove(&key);
+        } else if let Some(state) = c.states.get_mut(&key) {
             state.needs_login = None;
         }
         Ok(())

@@ -595,10 +595,11 @@ fn refresh_now(
         };
         Ok::<FlowOutput, Failure>(env.run(&key, Reason::Explicit).await)
     })?;
-    drop(runtime);
+    // A store call stuck in the kernel must not hold the command's exit.
+    runtime.shutdown_background();
     let now = clock.now();
     let state = || backend.refresh_state(&key.provider, &key.bucket).ok();
-    let line = match output.answer(Reason::Explicit, now) {
+    let line = match output.answer(Reason::Explicit, now, None) {
         Ok(Some(token)) if output.renewed.is_some() => format!(
             "refreshed {key}: the new token {}",
             relative_expiry(token.expiry(), now)

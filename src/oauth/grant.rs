@@ -232,6 +232,26 @@ impl Grant {
         Ok(grant)
     }
 
+    /// A copy holding only the fields a token cannot do without (`access_token`,
+    /// `expiry`, `token_type`, `refresh_token`, `scope`): what is stored when the whole
+    /// answer would make a token too large to serve.
+    pub fn essential(&self) -> Grant {
+        let fields = [
+            "access_token",
+            "expiry",
+            "token_type",
+            REFRESH_TOKEN,
+            "scope",
+        ]
+        .iter()
+        .filter_map(|k| self.fields.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+        .collect();
+        Grant {
+            fields,
+            expires_in_defaulted: self.expires_in_defaulted,
+        }
+    }
+
     /// True when the response had no `expires_in` and [`DEFAULT_EXPIRES_IN`] was used.
     pub fn expires_in_defaulted(&self) -> bool {
         self.expires_in_defaulted

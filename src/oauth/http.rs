@@ -4,7 +4,9 @@
 //! - **Client**: reqwest over rustls with the Mozilla root set compiled in (no OpenSSL, no
 //!   system TLS library at build or run time), HTTP/1.1, no redirects (a token endpoint
 //!   that redirects is misconfigured, and following one would re-send the refresh token
-//!   elsewhere), `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the environment.
+//!   elsewhere), `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` from the environment, except for a
+//!   loopback endpoint, which is always reached directly (a plain-http request with a
+//!   refresh token in it never goes through a proxy).
 //! - **Timeouts**: connect 10 s, one attempt 20 s, one refresh with its retries 40 s.
 //! - **Body cap**: a response over 64 KiB is refused as soon as it is known to be larger
 //!   (its `Content-Length`, or the bytes read so far), never buffered whole.
@@ -138,6 +140,9 @@ enum Attempt {
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// The same without any proxy, for loopback endpoints: a plain-http request to
+    /// 127.0.0.1 must never travel through `HTTP_PROXY` with a refresh token in it.
+    direct: reqwest::Client,
     timeouts: Timeouts,
     retry: RetryPolicy,
 }
@@ -150,16 +155,24 @@ impl Upstream {
 
     /// A client with other timeouts and retries (tests, embedders).
     pub fn with(timeouts: Timeouts, retry: RetryPolicy) -> Result<Upstream, RefreshError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .timeout(timeouts.attempt)
-            .redirect(reqwest::redirect::Policy::none())
-            .http1_only()
-            .user_agent(concat!("credproxy/", env!("CARGO_PKG_VERSION")))
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(timeouts.connect)
+                .timeout(timeouts.attempt)
+                .redirect(reqwest::redirect::Policy::none())
+                .http1_only()
+                .user_agent(concat!("credproxy/", env!("CARGO_PKG_VERSION")))
+        };
+        let client = builder()
+            .build()
+            .map_err(|e| RefreshError::Client(e.to_string()))?;
+        let direct = builder()
+            .no_proxy()
             .build()
             .map_err(|e| RefreshError::Client(e.to_string()))?;
         Ok(Upstream {
             client,
+            direct,
             timeouts,
             retry,
         })
@@ -224,8 +237,12 @@ impl Upstream {
 
     async fn attempt(&self, request: &GrantRequest<'_>, now: &(dyn Fn() -> u64 + Sync)) -> Attempt {
         let body = request.body();
-        let sent = self
-            .client
+        let client = if super::provider::is_loopback(&request.endpoint.token_url) {
+            &self.direct
+        } else {
+            &self.client
+        };
+        let sent = client
             .post(request.endpoint.token_url.clone())
             .header(reqwest::header::CONTENT_TYPE, request.content_type())
             .header(reqwest::header::ACCEPT, "application/json")

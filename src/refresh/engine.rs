@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message,
@@ -63,6 +63,10 @@ pub struct Refresher {
     timers: HashMap<BucketKey, Timer>,
     /// Failed renewals in a row, per bucket, for the retry pause.
     renewal_failures: HashMap<BucketKey, u32>,
+    /// Buckets whose last refresh failed: until when requests get the failure at once,
+    /// and how many failed in a row.
+    backoff: HashMap<BucketKey, (Instant, u32, FlowError)>,
+    failure_backoff: Duration,
     next_flight: u64,
     stopping: bool,
     stop_waiter: Option<oneshot::Sender<()>>,
@@ -111,6 +115,8 @@ impl Refresher {
             flights: HashMap::new(),
             timers: HashMap::new(),
             renewal_failures: HashMap::new(),
+            backoff: HashMap::new(),
+            failure_backoff: config.failure_backoff,
             next_flight: 0,
             stopping: false,
             stop_waiter: None,
@@ -182,6 +188,21 @@ impl Refresher {
                 }
             }
             return;
+        }
+        match output.failure {
+            None | Some(FlowError::NotAvailable) => {
+                self.backoff.remove(&key);
+            }
+            Some(kind @ (FlowError::Failed | FlowError::Store | FlowError::Reauth)) => {
+                let failures = self.backoff.get(&key).map_or(0, |(_, n, _)| *n) + 1;
+                let pause = self
+                    .failure_backoff
+                    .checked_mul(2u32.saturating_pow((failures - 1).min(8)))
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(60).max(self.failure_backoff));
+                self.backoff
+                    .insert(key.clone(), (Instant::now() + pause, failures, kind));
+            }
         }
         match (&output.failure, &output.token) {
             (None, Some(token)) => {
@@ -319,11 +340,19 @@ impl Refresher {
                     if !profile.allows_bucket(&key.provider, &key.bucket) {
                         continue;
                     }
-                    let token = backend.get_served_token(&key.provider, &key.bucket)?;
+                    // One unreadable token or state file costs that bucket its renewal,
+                    // not every other bucket's.
+                    let token = match backend.get_served_token(&key.provider, &key.bucket) {
+                        Ok(token) => token,
+                        Err(e) => {
+                            tracing::warn!(provider = %key.provider, bucket = %key.bucket, error = %e, "refresh: cannot read a token to plan its renewal");
+                            continue;
+                        }
+                    };
                     let marked = backend
-                        .refresh_state(&key.provider, &key.bucket)?
-                        .needs_login
-                        .is_some();
+                        .refresh_state(&key.provider, &key.bucket)
+                        .map(|s| s.needs_login.is_some())
+                        .unwrap_or(false);
                     seen.push(Seen {
                         key,
                         token: token.map(|t| (t.expiry(), t.has_refresh_token())),
@@ -415,6 +444,18 @@ impl Handler<Refresh> for Refresher {
         if self.stopping {
             return Box::pin(async { failed() });
         }
+        // A bucket whose refresh just failed answers with the failure at once (the asker
+        // falls back to the token it read while that is valid), unless a flight runs.
+        let backing_off = self
+            .backoff
+            .get(&msg.key)
+            .filter(|(until, _, _)| Instant::now() < *until)
+            .map(|(_, _, kind)| *kind);
+        if let Some(kind) = backing_off {
+            if !self.flights.contains_key(&msg.key) {
+                return Box::pin(async move { FlowOutput::failed_without_token(kind) });
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.join(msg.key, msg.reason, Some(tx), ctx);
         Box::pin(async move { rx.await.unwrap_or_else(|_| failed()) })
@@ -435,6 +476,7 @@ impl Handler<Changed> for Refresher {
 
     fn handle(&mut self, msg: Changed, ctx: &mut Context<Self>) {
         self.renewal_failures.remove(&msg.key);
+        self.backoff.remove(&msg.key);
         self.cancel_timer(&msg.key, ctx);
         self.scan(Some(msg.key), ctx);
     }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::schedule::{is_due, BucketKey, RefreshSettings};
 use super::Clock;
 use crate::backend::{Backend, NeedsLogin, RefreshLock, RefreshState, RefreshWrite, StoreError};
-use crate::oauth::{ClientSecret, Endpoint, GrantRequest, RefreshError, Upstream};
+use crate::oauth::{ClientSecret, Endpoint, Grant, GrantRequest, RefreshError, Upstream};
 use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
@@ -102,6 +102,11 @@ impl FlowOutput {
         }
     }
 
+    /// A failure with no token to answer with (the asker's own read may stand in).
+    pub fn failed_without_token(failure: FlowError) -> FlowOutput {
+        FlowOutput::failed(None, failure)
+    }
+
     fn failed(token: Option<ServedToken>, failure: FlowError) -> FlowOutput {
         FlowOutput {
             token,
@@ -117,12 +122,22 @@ impl FlowOutput {
     /// An explicit refresh reports every failure. A due `get_token` is answered with the
     /// stored token when it is not refreshable (served as stored, as in version 1) or when
     /// the refresh failed but the token is still valid; an expired one gets the failure.
-    pub fn answer(&self, reason: Reason, now: u64) -> Result<Option<ServedToken>, FlowError> {
-        match (self.failure, &self.token) {
-            (None, token) => Ok(token.clone()),
+    ///
+    /// `read` is the token the asker read before it asked (a due `get_token`'s): when the
+    /// refresh failed without a token of its own (the lock was busy too long, the engine
+    /// stopped), that one stands in for it. A failure never answers `NOT_FOUND`: only a
+    /// refresh that found no token stored does.
+    pub fn answer(
+        &self,
+        reason: Reason,
+        now: u64,
+        read: Option<&ServedToken>,
+    ) -> Result<Option<ServedToken>, FlowError> {
+        match (self.failure, self.token.as_ref().or(read)) {
+            (None, _) => Ok(self.token.clone()),
             (Some(FlowError::Store), _) => Err(FlowError::Store),
             (Some(f), _) if reason == Reason::Explicit => Err(f),
-            (Some(_), None) => Ok(None),
+            (Some(f), None) => Err(f),
             (Some(FlowError::NotAvailable), Some(t)) => Ok(Some(t.clone())),
             (Some(f), Some(t)) => {
                 if t.expiry() > now {
@@ -162,6 +177,9 @@ impl std::fmt::Debug for FlowEnv {
     }
 }
 
+/// The longest one store call of a refresh may take (PROTOCOL.md §7's store limit).
+const STORE_CALL_LIMIT: Duration = Duration::from_secs(15);
+
 /// Seconds a `refreshed_at` may lie ahead of the clock (another process's clock read a
 /// moment later) and still count for the cooldown.
 const CLOCK_SLACK: u64 = 5;
@@ -174,7 +192,9 @@ pub fn lock_wait(upstream: &Upstream) -> Duration {
 
 /// What is read under the lock.
 struct Locked {
-    _lock: RefreshLock,
+    /// Moved into the final write's blocking call, so that the lock is held until the
+    /// write has landed even if this refresh is dropped meanwhile (shutdown).
+    lock: Option<RefreshLock>,
     stored: Option<Token>,
     state: RefreshState,
     client_secret: Option<Secret>,
@@ -187,14 +207,22 @@ impl FlowEnv {
         self.endpoints.contains_key(provider)
     }
 
+    /// Runs a store call on the pool, bounded by [`STORE_CALL_LIMIT`] (a stuck disk
+    /// fails the refresh instead of holding it, and every request joined to it, forever).
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Backend) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let backend = Arc::clone(&self.backend);
-        match self.pool.spawn_blocking(move || f(backend.as_ref())).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Cleared),
+        let call = self.pool.spawn_blocking(move || f(backend.as_ref()));
+        match tokio::time::timeout(STORE_CALL_LIMIT, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Cleared),
+            Err(_) => Err(StoreError::Io {
+                op: "refresh store call",
+                path: std::path::PathBuf::new(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            }),
         }
     }
 
@@ -206,7 +234,9 @@ impl FlowEnv {
             Some(Some(ClientSecret::StoreKey(name))) => Some(name.clone()),
             _ => None,
         };
-        let locked = self.blocking(move |s| {
+        let backend = Arc::clone(&self.backend);
+        let locked = self.pool.spawn_blocking(move || {
+            let s = backend.as_ref();
             let lock = s.refresh_lock(&p, &b)?;
             let stored = s.get_token(&p, &b)?;
             let state = s.refresh_state(&p, &b)?;
@@ -217,17 +247,18 @@ impl FlowEnv {
                 },
                 None => (None, None),
             };
-            Ok(Locked {
-                _lock: lock,
+            Ok::<_, StoreError>(Locked {
+                lock: Some(lock),
                 stored,
                 state,
                 client_secret,
                 missing_secret_key,
             })
         });
-        let locked = match tokio::time::timeout(lock_wait(&self.upstream), locked).await {
-            Ok(Ok(locked)) => locked,
-            Ok(Err(e)) => {
+        let mut locked = match tokio::time::timeout(lock_wait(&self.upstream), locked).await {
+            Ok(Ok(Ok(locked))) => locked,
+            Ok(Err(_)) => return FlowOutput::failed(None, FlowError::Store),
+            Ok(Ok(Err(e))) => {
                 // The lock or the state cannot be had (a read-only store, a full disk):
                 // no refresh, but the stored token can still be the answer while valid.
                 tracing::error!(provider = %key.provider, bucket = %key.bucket, error = %e, "refresh: the store failed; serving the token as stored");
@@ -270,7 +301,9 @@ impl FlowEnv {
         let skip = match reason {
             Reason::Due => cooling || !is_due(stored.expiry(), now, self.settings.margin),
             Reason::Explicit => cooling,
-            Reason::Renewal { expiry } => stored.expiry() > expiry || stored.expiry() <= now,
+            // Renewed elsewhere meanwhile, or refreshed a moment ago by another server.
+            // An expired token is refreshed (a get_token may have joined this flight).
+            Reason::Renewal { expiry } => stored.expiry() > expiry || cooling,
         };
         if skip {
             return FlowOutput::skipped(Some(current));
@@ -313,8 +346,14 @@ impl FlowEnv {
         let rotated = grant.as_ref().is_some_and(|g| g.rotated());
         let (p, b) = (key.provider.clone(), key.bucket.clone());
         let sent_for_check = sent.clone();
+        let lock = locked.lock.take();
+        // The essential fields, kept aside: if the whole answer merged would be too large
+        // to serve, these still go in, so a rotated refresh token is never thrown away.
+        let essential = grant.as_ref().map(Grant::essential);
         let finished = self
             .blocking(move |s| {
+                let _held = lock;
+                let mut essential = essential;
                 let mut served = None;
                 let mut superseded = false;
                 let mut invalid = false;
@@ -327,6 +366,16 @@ impl FlowEnv {
                     }
                     Some(cur) => match grant.take().map(|g| g.merge_into(cur)) {
                         Some(Ok(token)) => {
+                            let token = match crate::backend::check_storable(&token) {
+                                Err(_) => match essential.take().map(|g| g.merge_into(cur)) {
+                                    Some(Ok(small)) => {
+                                        tracing::warn!(provider = %p, bucket = %b, "refresh: the token endpoint's answer is too large to serve whole; only its essential fields were kept");
+                                        small
+                                    }
+                                    _ => token,
+                                },
+                                Ok(()) => token,
+                            };
                             served = Some(token.served());
                             RefreshWrite::Token { token, at: after }
                         }
@@ -401,7 +450,7 @@ impl FlowEnv {
         &self,
         key: &BucketKey,
         reason: Reason,
-        locked: Locked,
+        mut locked: Locked,
         current: ServedToken,
         error: RefreshError,
         attempts: u32,
@@ -447,8 +496,10 @@ impl FlowEnv {
                 code: code.clone(),
             };
             let (p, b) = (key.provider.clone(), key.bucket.clone());
+            let lock = locked.lock.take();
             let marked = self
                 .blocking(move |s| {
+                    let _held = lock;
                     let mut mark = Some(mark);
                     s.finish_refresh(&p, &b, &mut |cur| match (cur, &sent, mark.take()) {
                         (Some(cur), Some(sent), Some(mark))

@@ -82,6 +82,11 @@ pub struct RefreshConfig {
     /// The pause before a failed renewal is tried again; it doubles after each failure,
     /// up to the token's expiry.
     pub renewal_retry: Duration,
+    /// After a refresh failed (transient failure or refusal), requests for that bucket
+    /// get the failure at once, without a request upstream, for this long; it doubles
+    /// with each failure in a row, up to a minute. A sandbox polling an expired token
+    /// cannot make the host hammer the provider.
+    pub failure_backoff: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -94,6 +99,7 @@ impl Default for RefreshConfig {
             clock: Clock::system(),
             scan_interval: Duration::from_secs(60),
             renewal_retry: Duration::from_secs(15),
+            failure_backoff: Duration::from_secs(5),
         }
     }
 }
