@@ -189,11 +189,13 @@ impl Refresher {
             }
             return;
         }
+        // A refusal of the login is kept by the needs-login mark in the store, which any
+        // process's save clears; only the other failures back off here.
         match output.failure {
-            None | Some(FlowError::NotAvailable) => {
+            None | Some(FlowError::NotAvailable | FlowError::Reauth) => {
                 self.backoff.remove(&key);
             }
-            Some(kind @ (FlowError::Failed | FlowError::Store | FlowError::Reauth)) => {
+            Some(kind @ (FlowError::Failed | FlowError::Store)) => {
                 let failures = self.backoff.get(&key).map_or(0, |(_, n, _)| *n) + 1;
                 let pause = self
                     .failure_backoff
