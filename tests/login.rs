@@ -584,3 +584,68 @@ fn an_id_token_with_a_chatgpt_account_gives_the_account_id() {
     let token = s.stored("acme", "default").expect("stored");
     assert_eq!(token["account_id"], "acct-42");
 }
+
+#[test]
+fn a_refused_code_exchange_is_named_without_the_response_body() {
+    let s = Setup::new(Config::default(), "");
+    let login = s.login(&[]);
+    let url = authorize_url(&login);
+    let (_, location, _) = auth_server::get(&url);
+    let location = location.expect("Location");
+    // The right state with a code the server never issued: the exchange is refused.
+    let forged = location.replace("code=code-CANARY-1", "code=forged");
+    let (status, _, page) = auth_server::get(&forged);
+    assert_eq!(status, 400, "{page}");
+    let run = login.finish();
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("the token endpoint refused exchanging the code (HTTP 400, invalid_grant)"),
+        "{run:?}"
+    );
+    // The error body ("bad code code-CANARY-x") is never shown.
+    s.no_secrets("login", &run);
+    s.nothing_stored();
+}
+
+#[test]
+fn a_fixed_localhost_port_is_served_and_ctrl_c_stores_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("probe")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let redirect = format!("http://localhost:{port}/auth/callback");
+    let s = Setup::new(
+        Config {
+            redirect_uri: redirect.clone(),
+            ..Config::default()
+        },
+        &format!("redirect_uri = \"{redirect}\"\n"),
+    );
+    let login = s.login(&[]);
+    let url = authorize_url(&login);
+    let q: std::collections::HashMap<String, String> = url::Url::parse(&url)
+        .expect("url")
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q["redirect_uri"], redirect);
+    let (status, page) = browse(&url);
+    assert_eq!(status, 200, "{page}");
+    let run = login.finish();
+    assert_eq!(run.code(), Some(0), "{run:?}");
+
+    // Ctrl-C while waiting for the browser: the process ends, nothing more is stored.
+    let mut login = Running::start(
+        &s.args("login", "acme", &["--no-browser", "--bucket", "other"]),
+        Stdio::null(),
+    );
+    let _ = authorize_url(&login);
+    login.child.signal(nix::sys::signal::Signal::SIGINT);
+    let run = login.finish();
+    assert_ne!(run.code(), Some(0), "{run:?}");
+    assert!(s.stored("acme", "other").is_none());
+    let list = s.store(&["token", "list"]);
+    assert_eq!(list.stdout, "acme:default\n", "{list:?}");
+}
