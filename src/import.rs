@@ -270,6 +270,27 @@ pub fn jwt_exp(jwt: &str) -> Option<u64> {
     exp
 }
 
+/// The ChatGPT account id of a Codex login's id token: the `chatgpt_account_id` of its
+/// `https://api.openai.com/auth` claim (openai/codex `codex-rs/login/src/server.rs`,
+/// `jwt_auth_claims`), as the Codex CLI stores it as `account_id`.
+pub fn chatgpt_account_id(jwt: &str) -> Option<String> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?,
+    );
+    let mut claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let id = claims
+        .get("https://api.openai.com/auth")
+        .and_then(|auth| auth.get("chatgpt_account_id"))
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control))
+        .map(str::to_owned);
+    wipe_json(&mut claims);
+    id
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +409,14 @@ mod tests {
             assert_eq!(e, want, "{text}");
             assert!(!e.contains("SECRET"));
         }
+    }
+
+    #[test]
+    fn chatgpt_account_id_reads_the_auth_claim() {
+        let token = jwt(json!({"https://api.openai.com/auth": {"chatgpt_account_id": "acct-9"}}));
+        assert_eq!(chatgpt_account_id(&token), Some("acct-9".into()));
+        assert_eq!(chatgpt_account_id(&jwt(json!({"sub": "u"}))), None);
+        assert_eq!(chatgpt_account_id("a.!!!.c"), None);
     }
 
     #[test]

@@ -31,6 +31,12 @@
 //! client_id = "cli-123"
 //! client_secret_key = "acme-client-secret"   # an API key in the store holding it
 //! body = "json"                               # or "form" (the default)
+//! # `credproxy login` / `logout` (all optional; a preset has its own):
+//! authorization_url = "https://login.acme.example/oauth/authorize"      # loopback flow
+//! device_authorization_url = "https://login.acme.example/oauth/device"  # device flow
+//! revocation_url = "https://login.acme.example/oauth/revoke"            # logout (RFC 7009)
+//! scopes = ["openid", "offline_access"]
+//! redirect_uri = "http://127.0.0.1/callback"  # no port: ephemeral; https://: paste the code
 //! ```
 //!
 //! A profile file can set these keys and tables and nothing else: any other key or table, a
@@ -74,7 +80,17 @@ pub const KEYS: [&str; 11] = [
 pub const MAX_SOURCE_TTL: u64 = 7 * 86_400;
 
 /// The keys of a `[provider.NAME]` table.
-pub const PROVIDER_KEYS: [&str; 4] = ["token_url", "client_id", "client_secret_key", "body"];
+pub const PROVIDER_KEYS: [&str; 9] = [
+    "token_url",
+    "client_id",
+    "client_secret_key",
+    "body",
+    "authorization_url",
+    "device_authorization_url",
+    "revocation_url",
+    "scopes",
+    "redirect_uri",
+];
 
 /// The longest `refresh_margin` or `renew_before` accepted, in seconds (one day): a longer
 /// lead would renew every token as soon as it was issued.
@@ -189,6 +205,11 @@ struct RawProvider {
     client_id: Option<String>,
     client_secret_key: Option<String>,
     body: Option<Spanned<String>>,
+    authorization_url: Option<Spanned<String>>,
+    device_authorization_url: Option<Spanned<String>>,
+    revocation_url: Option<Spanned<String>>,
+    scopes: Option<Spanned<Vec<String>>>,
+    redirect_uri: Option<Spanned<String>>,
 }
 
 /// Reads and parses the profile file at `path` (at most [`MAX_PROFILE_SIZE`] bytes).
@@ -278,21 +299,37 @@ pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
                 )
             })?),
         };
+        let text = |v: &Option<Spanned<String>>| v.as_ref().map(|u| u.get_ref().clone());
         let overrides = EndpointOverride {
-            token_url: t.token_url.as_ref().map(|u| u.get_ref().clone()),
+            token_url: text(&t.token_url),
             client_id: t.client_id.clone(),
             client_secret_key: t.client_secret_key.clone(),
             body,
+            authorization_url: text(&t.authorization_url),
+            device_authorization_url: text(&t.device_authorization_url),
+            revocation_url: text(&t.revocation_url),
+            scopes: t.scopes.as_ref().map(|s| s.get_ref().clone()),
+            redirect_uri: text(&t.redirect_uri),
         };
         let endpoint = Endpoint::resolve(name.get_ref(), &overrides).map_err(|e| {
-            // A bad URL points at its own line; anything else at the table.
-            let span = match (&e, &t.token_url) {
-                (
-                    crate::oauth::provider::EndpointError::BadUrl(_)
-                    | crate::oauth::provider::EndpointError::Insecure
-                    | crate::oauth::provider::EndpointError::Credentials,
-                    Some(url),
-                ) => url.span(),
+            use crate::oauth::provider::EndpointError as E;
+            // A bad value points at its own line; anything else at the table.
+            let url_key = match &e {
+                E::BadUrl(key, _) | E::Insecure(key) | E::Credentials(key) => Some(*key),
+                E::BadRedirect => Some("redirect_uri"),
+                _ => None,
+            };
+            let value = match url_key {
+                Some("token_url") => t.token_url.as_ref(),
+                Some("authorization_url") => t.authorization_url.as_ref(),
+                Some("device_authorization_url") => t.device_authorization_url.as_ref(),
+                Some("revocation_url") => t.revocation_url.as_ref(),
+                Some("redirect_uri") => t.redirect_uri.as_ref(),
+                _ => None,
+            };
+            let span = match (&e, value, &t.scopes) {
+                (_, Some(v), _) => v.span(),
+                (E::BadScope, _, Some(scopes)) => scopes.span(),
                 _ => name.span(),
             };
             invalid(
@@ -574,6 +611,24 @@ mod tests {
                 "acme-client-secret".into()
             ))
         );
+        let login = ok(r#"
+            [provider.acme]
+            token_url = "https://login.acme.example/oauth/token"
+            authorization_url = "https://login.acme.example/oauth/authorize"
+            device_authorization_url = "https://login.acme.example/oauth/device"
+            revocation_url = "https://login.acme.example/oauth/revoke"
+            client_id = "cli-123"
+            scopes = ["openid", "offline_access"]
+            redirect_uri = "http://127.0.0.1:8765/cb"
+        "#);
+        let l = &login.providers["acme"].login;
+        assert!(l.authorization_url.is_some() && l.device_authorization_url.is_some());
+        assert!(l.revocation_url.is_some());
+        assert_eq!(l.scopes, ["openid", "offline_access"]);
+        assert!(matches!(
+            l.redirect,
+            crate::oauth::provider::Redirect::Loopback { port: 8765, .. }
+        ));
         let none = ok("allow = []\n");
         assert_eq!((none.refresh, none.refresh_margin), (None, None));
         assert!(none.providers.is_empty());
@@ -594,7 +649,8 @@ mod tests {
         assert_err(
             "[provider.anthropic]\ntokenurl = \"x\"\n",
             2,
-            "unknown key `tokenurl` (expected one of token_url, client_id, client_secret_key, body)",
+            "unknown key `tokenurl` (expected one of token_url, client_id, client_secret_key, body, \
+             authorization_url, device_authorization_url, revocation_url, scopes, redirect_uri)",
         );
         assert_err(
             "[provider.gemini]\nbody = \"xml\"\n",
@@ -626,6 +682,27 @@ mod tests {
             "[provider.anthropic]\ntoken_url = \"::\"\n",
             2,
             "not a valid URL",
+        );
+        assert_err(
+            "[provider.acme]\ntoken_url = \"https://a.example/t\"\nclient_id = \"c\"\n\
+             revocation_url = \"http://a.example/r\"\n",
+            4,
+            "provider acme: revocation_url must be https://",
+        );
+        assert_err(
+            "[provider.codex]\n\nredirect_uri = \"http://a.example/cb\"\n",
+            3,
+            "provider codex: redirect_uri must be http:// on 127.0.0.1",
+        );
+        assert_err(
+            "[provider.codex]\nscopes = [\"a b\"]\n",
+            2,
+            "provider codex: scopes must be non-empty strings without spaces",
+        );
+        assert_err(
+            "[provider.codex]\nscopes = \"openid\"\n",
+            2,
+            "invalid type: string",
         );
     }
 

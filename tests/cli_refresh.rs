@@ -590,7 +590,9 @@ fn a_bad_profile_is_a_usage_error_naming_its_line_on_every_store_command() {
         assert_eq!(
             line,
             format!(
-                "credproxy: profile {}, line 3: unknown key `bogus` (expected one of token_url, client_id, client_secret_key, body)",
+                "credproxy: profile {}, line 3: unknown key `bogus` (expected one of token_url, \
+                 client_id, client_secret_key, body, authorization_url, device_authorization_url, \
+                 revocation_url, scopes, redirect_uri)",
                 h.profile.display()
             ),
             "{args:?}"

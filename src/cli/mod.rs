@@ -1,12 +1,14 @@
 //! The `credproxy` command line. `main.rs` only calls [`main`].
 //!
 //! Host side: `serve` (run the proxy until a signal), `exec` (run the proxy around a
-//! command, the way `ssh-agent cmd` or `aws-vault exec` do) and `store` (manage the file
-//! store). Inside the sandbox: `token` and `key`, thin commands over
+//! command, the way `ssh-agent cmd` or `aws-vault exec` do), `store` (manage the file
+//! store), and `login` / `logout` (get a provider's token with a browser or device code, or
+//! remove and revoke it). Inside the sandbox: `token` and `key`, thin commands over
 //! [`crate::client::Client`] with documented exit codes.
 
 mod exec;
 pub mod inside;
+mod login;
 mod serve;
 mod store;
 
@@ -43,6 +45,11 @@ enum Command {
     /// Manage the host-side credential store (no server needed; safe while one runs).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Log in to PROVIDER on the host (browser, pasted code or device code) and store the
+    /// token with its refresh token
+    Login(login::LoginArgs),
+    /// Remove PROVIDER's stored token and revoke it where the provider allows
+    Logout(login::LogoutArgs),
     /// Inside the sandbox: OAuth tokens through the proxy.
     Token(inside::TokenArgs),
     /// Inside the sandbox: API keys through the proxy.
@@ -121,6 +128,12 @@ pub fn main() -> ExitCode {
             .map(|()| crate::harden::process())
             .and_then(|_| store::run(cmd))
             .map(|()| 0),
+        Command::Login(args) => serve::init_logging(LogFormat::Text)
+            .map(|()| crate::harden::process())
+            .and_then(|_| login::login(args)),
+        Command::Logout(args) => serve::init_logging(LogFormat::Text)
+            .map(|()| crate::harden::process())
+            .and_then(|_| login::logout(args)),
         Command::Token(args) => inside::run_token(args),
         Command::Key(args) => inside::run_key(args),
     };

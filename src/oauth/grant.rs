@@ -71,6 +71,23 @@ impl GrantRequest<'_> {
     }
 }
 
+/// `params` as a request body of `format`, in a buffer wiped on drop (the code exchange,
+/// device polls and revocation use it too).
+pub fn params_body(format: BodyFormat, params: &[(&str, &str)]) -> Zeroizing<Vec<u8>> {
+    match format {
+        BodyFormat::Form => form_body(params),
+        BodyFormat::Json => json_body(params),
+    }
+}
+
+/// The `Content-Type` of a body of `format`.
+pub fn content_type(format: BodyFormat) -> &'static str {
+    match format {
+        BodyFormat::Form => "application/x-www-form-urlencoded",
+        BodyFormat::Json => "application/json",
+    }
+}
+
 /// `k=v&k=v`, percent-encoded, in a buffer that never reallocates.
 fn form_body(params: &[(&str, &str)]) -> Zeroizing<Vec<u8>> {
     // Percent-encoding writes at most three bytes per input byte.
@@ -263,6 +280,23 @@ impl Grant {
             .get("expiry")
             .and_then(Value::as_u64)
             .unwrap_or(0)
+    }
+
+    /// The string field `key` of the response, when it has one. Callers must not log it.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).and_then(Value::as_str)
+    }
+
+    /// Sets the field `key` (a value derived from the response, such as an account id).
+    pub fn insert(&mut self, key: &str, value: Value) {
+        if let Some(mut old) = self.fields.insert(key.to_owned(), value) {
+            wipe_json(&mut old);
+        }
+    }
+
+    /// The response as a whole token to store (a login's first token).
+    pub fn into_token(mut self) -> Result<Token, TokenError> {
+        Token::from_map(std::mem::take(&mut self.fields))
     }
 
     /// True when the provider returned a new (rotated) refresh token.

@@ -300,6 +300,57 @@ impl Upstream {
     }
 }
 
+/// The answer to one POST: its status and its body (at most [`MAX_RESPONSE`] bytes, wiped
+/// on drop).
+pub struct Posted {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Posted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Posted")
+            .field("status", &self.status)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// One POST of `body` (already written in `content_type`) to `url`, no retry, no
+    /// redirect followed, the body cap and the attempt timeout applied: the login's code
+    /// exchange, device polls and revocation. The error is a few words, never a URL or a
+    /// body.
+    pub async fn post_once(
+        &self,
+        url: &reqwest::Url,
+        content_type: &str,
+        body: zeroize::Zeroizing<Vec<u8>>,
+    ) -> Result<Posted, String> {
+        let sent = self
+            .client
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::ACCEPT, "application/json")
+            // reqwest takes its own copy; ours is wiped when `body` drops.
+            .body(body.to_vec())
+            .send()
+            .await;
+        drop(body);
+        let mut response = sent.map_err(|e| transport_failure(&e))?;
+        let status = response.status().as_u16();
+        match read_capped(&mut response).await {
+            Ok(body) => Ok(Posted { status, body }),
+            Err(ReadFailure::TooLarge) => {
+                Err(format!("the response is over {} KiB", MAX_RESPONSE / 1024))
+            }
+            Err(ReadFailure::Transport(e)) => Err(transport_failure(&e)),
+        }
+    }
+}
+
 fn describe(e: &ResponseError) -> String {
     e.to_string()
 }

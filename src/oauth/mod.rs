@@ -17,6 +17,7 @@
 
 pub mod grant;
 pub mod http;
+pub mod login;
 pub mod provider;
 
 pub use grant::{Grant, GrantRequest};

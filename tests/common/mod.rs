@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod as_user;
+pub mod auth_server;
 pub mod hooked;
 pub mod probe;
 pub mod process;

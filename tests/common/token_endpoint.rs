@@ -272,7 +272,7 @@ fn rotate(st: &mut State, refresh: Option<&str>) -> Reply {
     }
 }
 
-fn read_request(conn: &TcpStream) -> Option<Received> {
+pub fn read_request(conn: &TcpStream) -> Option<Received> {
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
@@ -324,7 +324,7 @@ fn read_request(conn: &TcpStream) -> Option<Received> {
     })
 }
 
-fn write_reply(mut conn: TcpStream, reply: &Reply) -> std::io::Result<()> {
+pub fn write_reply(mut conn: TcpStream, reply: &Reply) -> std::io::Result<()> {
     let mut head = format!(
         "HTTP/1.1 {} Scripted\r\nConnection: close\r\n",
         reply.status
