@@ -237,12 +237,8 @@ impl Upstream {
 
     async fn attempt(&self, request: &GrantRequest<'_>, now: &(dyn Fn() -> u64 + Sync)) -> Attempt {
         let body = request.body();
-        let client = if super::provider::is_loopback(&request.endpoint.token_url) {
-            &self.direct
-        } else {
-            &self.client
-        };
-        let sent = client
+        let sent = self
+            .client_for(&request.endpoint.token_url)
             .post(request.endpoint.token_url.clone())
             .header(reqwest::header::CONTENT_TYPE, request.content_type())
             .header(reqwest::header::ACCEPT, "application/json")
@@ -319,6 +315,16 @@ impl std::fmt::Debug for Posted {
 }
 
 impl Upstream {
+    /// The client for `url`: without any proxy for a loopback address, so that a
+    /// plain-http request carrying a secret never travels through `HTTP_PROXY`.
+    fn client_for(&self, url: &reqwest::Url) -> &reqwest::Client {
+        if super::provider::is_loopback(url) {
+            &self.direct
+        } else {
+            &self.client
+        }
+    }
+
     /// One POST of `body` (already written in `content_type`) to `url`, no retry, no
     /// redirect followed, the body cap and the attempt timeout applied: the login's code
     /// exchange, device polls and revocation. The error is a few words, never a URL or a
@@ -330,7 +336,7 @@ impl Upstream {
         body: zeroize::Zeroizing<Vec<u8>>,
     ) -> Result<Posted, String> {
         let sent = self
-            .client
+            .client_for(url)
             .post(url.clone())
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .header(reqwest::header::ACCEPT, "application/json")
