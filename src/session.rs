@@ -940,18 +940,27 @@ async fn fetch(sh: &Shared, target: SourceTarget, explicit: bool) -> Result<Held
         return Err(internal());
     };
     let label = target.to_string();
-    match sources.send(Fetch { target, explicit }).await {
-        Ok(Ok(held)) => Ok(held),
-        Ok(Err(_)) => Err(Rejection::new(
+    // A run is bounded by its own timeout; this bounds the wait whatever happens to it.
+    let fetch = sources.send(Fetch { target, explicit });
+    match tokio::time::timeout(SOURCE_WAIT, fetch).await {
+        Err(_) => Err(Rejection::new(
+            ErrorCode::RefreshFailed,
+            format!("the command on the host that provides {label} did not answer in time"),
+        )),
+        Ok(Ok(Ok(held))) => Ok(held),
+        Ok(Ok(Err(_))) => Err(Rejection::new(
             ErrorCode::RefreshFailed,
             format!(
                 "the command on the host that provides {label} failed and no valid value is \
                  left; it is retried in the background (the host's log says why)"
             ),
         )),
-        Err(_) => Err(internal()),
+        Ok(Err(_)) => Err(internal()),
     }
 }
+
+/// The longest a request waits for a command source (its run is bounded by 30 s).
+const SOURCE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 /// `get_token` (or `refresh_token`) of a token a command source serves; counted for
 /// stats like a stored one.

@@ -266,10 +266,11 @@ impl Supervisor {
             )
             .start()
         });
-        let refresher = Refresher::new(
+        let refresher = Refresher::with_sources(
             Arc::clone(&config.backend),
             config.profile.clone(),
             config.refresh,
+            (*source_index).clone(),
         )
         .start();
         let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();

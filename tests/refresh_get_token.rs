@@ -415,6 +415,10 @@ fn a_busy_refresh_lock_never_answers_not_found() {
         let mut server = RefreshServer::start(memory.clone(), config);
         let held = memory.refresh_lock("anthropic", "default").unwrap();
         let mut raw = server.connect();
+        // The lock wait is the refresh deadline plus 5 s.
+        raw.stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let reply = raw.call("1", "get_token", json!({"provider": "anthropic"}));
         if expect_valid {
             assert_eq!(access(&reply), "at-old", "{reply}");

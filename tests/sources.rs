@@ -47,12 +47,16 @@ struct Server {
 
 impl Server {
     fn start(sources: Vec<SourceSpec>) -> Server {
+        Server::start_with(sources, allow_all())
+    }
+
+    fn start_with(sources: Vec<SourceSpec>, profile: credproxy::policy::Profile) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let memory = Arc::new(MemoryBackend::new());
         let mut config = Config::new(memory.clone());
         offline(&mut config);
         config.socket_dir = Some(dir.path().to_owned());
-        config.profile = allow_all();
+        config.profile = profile;
         config.limits = short_limits();
         config.limits.rate_limit = 0;
         config.sources = sources;
@@ -60,6 +64,7 @@ impl Server {
             timeout: Duration::from_millis(800),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_millis(400),
+            cooldown: Duration::from_secs(1),
             ..SourceSettings::default()
         };
         let handle = Supervisor::start(config).unwrap();
@@ -272,7 +277,11 @@ fn a_source_is_renewed_ahead_of_expiry_without_requests() {
     assert_eq!(lines(&count), 1, "run at start");
     // Lead: a quarter of 4 s; the second run comes about 3 s after the first.
     std::thread::sleep(Duration::from_millis(3500));
-    assert!(lines(&count) >= 2, "renewed");
+    let runs = lines(&count);
+    assert!(
+        (2..=3).contains(&runs),
+        "renewed ahead, not in a loop: {runs}"
+    );
     server.shutdown();
 }
 
@@ -361,4 +370,79 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A failing helper is not run on demand: neither `get_token` nor a looping
+/// `refresh_token` starts it while it waits for its retry, and a value that comes out
+/// already expired counts as a failure.
+#[test]
+fn requests_never_run_a_failing_command_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let fails = dir.path().join("fails");
+    let expired = dir.path().join("expired");
+    let mut server = Server::start(vec![
+        token_source(
+            "fails",
+            sh(&format!("echo run >> '{}'; exit 1", fails.display())),
+            None,
+        ),
+        token_source(
+            "expired",
+            sh(&format!(
+                "echo run >> '{}'; printf '{{\"token\":\"t\",\"expires_in\":0}}'",
+                expired.display()
+            )),
+            None,
+        ),
+    ]);
+    let mut raw = server.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..30 {
+        for (provider, op) in [
+            ("fails", "get_token"),
+            ("fails", "refresh_token"),
+            ("expired", "get_token"),
+            ("expired", "refresh_token"),
+        ] {
+            let id = format!("{provider}-{op}-{i}");
+            let reply = raw.call(&id, op, json!({"provider": provider}));
+            assert_err(&reply, &id, "REFRESH_FAILED");
+        }
+    }
+    // 120 requests in about a second: only the start and the background retries (100 ms
+    // doubling to 400 ms) ran the commands.
+    for path in [&fails, &expired] {
+        let runs = lines(path);
+        assert!((1..=6).contains(&runs), "{}: {runs} runs", path.display());
+    }
+    server.shutdown();
+}
+
+/// The profile decides who reads a source, as for stored credentials.
+#[test]
+fn sources_outside_the_profile_are_unauthorized_and_unlisted() {
+    let mut profile = credproxy::policy::Profile::default();
+    profile.allow("gcloud").unwrap();
+    let mut server = Server::start_with(
+        vec![
+            token_source("gcloud", sh("printf in-scope"), None),
+            token_source("secret", sh("printf out-of-scope"), None),
+            key_source("hidden", sh("printf key")),
+        ],
+        profile,
+    );
+    let mut raw = server.connect();
+    let reply = raw.call("1", "get_token", json!({"provider": "gcloud"}));
+    assert_eq!(data(&reply)["access_token"], "in-scope");
+    let reply = raw.call("2", "get_token", json!({"provider": "secret"}));
+    assert_err(&reply, "2", "UNAUTHORIZED");
+    let reply = raw.call("3", "refresh_token", json!({"provider": "secret"}));
+    assert_err(&reply, "3", "UNAUTHORIZED");
+    let reply = raw.call("4", "get_api_key", json!({"name": "hidden"}));
+    assert_err(&reply, "4", "UNAUTHORIZED");
+    let reply = raw.call("5", "list_providers", json!({}));
+    assert_eq!(data(&reply)["providers"], json!(["gcloud"]));
+    let reply = raw.call("6", "list_api_keys", json!({}));
+    assert_eq!(data(&reply)["keys"], json!([]));
+    server.shutdown();
 }

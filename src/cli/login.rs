@@ -362,8 +362,9 @@ async fn paste(ctx: &Ctx<'_>) -> Result<Grant, LoginError> {
     // past it when the time is up.
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let mut line = zeroize::Zeroizing::new(String::with_capacity(4096));
-        let read = std::io::stdin().lock().read_line(&mut line);
+        // Bounded: a pasted `code#state` is a few hundred bytes.
+        let mut line = zeroize::Zeroizing::new(String::with_capacity(8192));
+        let read = std::io::Read::take(std::io::stdin().lock(), 8191).read_line(&mut line);
         let _ = tx.send(read.map(|_| line));
     });
     let line = match tokio::time::timeout(ctx.timeout, rx).await {

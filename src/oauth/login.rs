@@ -389,8 +389,17 @@ impl Listener {
             .port();
         let mut sockets = vec![socket];
         if host == "localhost" {
-            if let Ok(extra) = TcpListener::bind((Ipv6Addr::LOCALHOST, actual)).await {
-                sockets.push(extra);
+            // A browser may try [::1] first: if another local user holds that port there,
+            // they would receive our code and state. Only a host without IPv6 may skip it.
+            match TcpListener::bind((Ipv6Addr::LOCALHOST, actual)).await {
+                Ok(extra) => sockets.push(extra),
+                Err(e) if e.raw_os_error().is_some_and(no_ipv6) => {}
+                Err(e) => {
+                    return Err(LoginError::Local(format!(
+                        "cannot listen on [::1]:{actual} for the browser's return ({e}); \
+                         another program may hold that port: close it and try again"
+                    )))
+                }
             }
         }
         Ok(Listener {
@@ -739,10 +748,11 @@ pub async fn device_poll(
                 continue;
             }
         };
-        if (200..300).contains(&posted.status) {
+        let code = error_code(&posted.body);
+        // Some servers answer "pending" with a 2xx and an `error` member.
+        if (200..300).contains(&posted.status) && code.is_none() {
             return token_answer(&posted, now(), "the device code");
         }
-        let code = error_code(&posted.body);
         match code.as_deref() {
             Some("authorization_pending") => failures = 0,
             Some("slow_down") => {
@@ -810,6 +820,12 @@ pub async fn revoke(
         posted.status,
         code.map(|c| format!(", {c}")).unwrap_or_default()
     )))
+}
+
+/// True for the errors of a host without IPv6 loopback.
+fn no_ipv6(code: i32) -> bool {
+    code == nix::errno::Errno::EAFNOSUPPORT as i32
+        || code == nix::errno::Errno::EADDRNOTAVAIL as i32
 }
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct Refresher {
     env: Option<FlowEnv>,
     workers: Option<Workers>,
     profile: Profile,
+    /// Tokens served by command sources: the stored ones they hide are not renewed.
+    shadowed: crate::source::SourceIndex,
     scan_interval: Duration,
     renewal_retry: Duration,
     flights: HashMap<BucketKey, Flight>,
@@ -87,6 +89,22 @@ impl Refresher {
     /// a worker pool (neither can fail on a sane system) it answers every refresh with
     /// `REFRESH_FAILED` and says why in the log.
     pub fn new(backend: Arc<dyn Backend>, profile: Profile, config: RefreshConfig) -> Refresher {
+        Refresher::with_sources(
+            backend,
+            profile,
+            config,
+            crate::source::SourceIndex::default(),
+        )
+    }
+
+    /// [`Refresher::new`], leaving alone the stored tokens that the command sources of
+    /// `shadowed` hide (they are never served, so never renewed).
+    pub fn with_sources(
+        backend: Arc<dyn Backend>,
+        profile: Profile,
+        config: RefreshConfig,
+        shadowed: crate::source::SourceIndex,
+    ) -> Refresher {
         let workers = Workers::start("credproxy-refresh");
         let upstream = match Upstream::with(config.timeouts, config.retry.clone()) {
             Ok(upstream) => Some(upstream),
@@ -110,6 +128,7 @@ impl Refresher {
             env,
             workers,
             profile,
+            shadowed,
             scan_interval: config.scan_interval,
             renewal_retry: config.renewal_retry,
             flights: HashMap::new(),
@@ -315,6 +334,7 @@ impl Refresher {
         }
         let Some(env) = self.env.clone() else { return };
         let profile = self.profile.clone();
+        let shadowed = self.shadowed.clone();
         let providers: Vec<String> = env
             .endpoints
             .keys()
@@ -339,7 +359,9 @@ impl Refresher {
                     }
                 };
                 for key in keys {
-                    if !profile.allows_bucket(&key.provider, &key.bucket) {
+                    if !profile.allows_bucket(&key.provider, &key.bucket)
+                        || shadowed.has_token(&key.provider, &key.bucket)
+                    {
                         continue;
                     }
                     // One unreadable token or state file costs that bucket its renewal,

@@ -51,7 +51,6 @@ struct Current {
     held: Held,
     expiry: u64,
     lifetime: u64,
-    obtained: Instant,
 }
 
 type Waiter = oneshot::Sender<Result<Held, SourceFailed>>;
@@ -62,6 +61,8 @@ struct Entry {
     /// Some while the command runs: who waits for it.
     running: Option<Vec<Waiter>>,
     failures: u32,
+    /// When the command last started, for the cooldown of explicit refreshes.
+    last_attempt: Option<Instant>,
     timer: Option<SpawnHandle>,
 }
 
@@ -103,6 +104,7 @@ impl Sources {
                         value: None,
                         running: None,
                         failures: 0,
+                        last_attempt: None,
                         timer: None,
                     },
                 )
@@ -142,6 +144,7 @@ impl Sources {
             return;
         };
         entry.running = Some(Vec::new());
+        entry.last_attempt = Some(Instant::now());
         if let Some(timer) = entry.timer.take() {
             ctx.cancel_future(timer);
         }
@@ -199,13 +202,9 @@ impl Sources {
                 let wait =
                     Duration::from_secs(current.expiry.saturating_sub(now)).saturating_sub(lead);
                 entry.value = Some(current);
-                // A value that lives under 2 s is not renewed ahead (it would run the
-                // command in a loop); the next request runs it.
-                entry
-                    .value
-                    .as_ref()
-                    .filter(|c| c.lifetime >= 2)
-                    .map(|_| wait.max(Duration::from_millis(500)))
+                // Renewed ahead at most once per cooldown: a value that lives less than
+                // that is run again only when a request needs it, never in a loop.
+                (wait >= settings.cooldown).then_some(wait)
             }
             Err(why) => {
                 entry.failures += 1;
@@ -298,11 +297,21 @@ fn value_of(
             (Held::Key(key), expiry)
         }
     };
+    if expiry <= now.saturating_add(1) {
+        return Err("the command gave a value that has already expired".to_owned());
+    }
+    if let Held::Token(token) = &held {
+        if token.json().len() > crate::protocol::MAX_SERVED_TOKEN_LEN {
+            return Err(format!(
+                "the command's token is too large to serve (over {} bytes)",
+                crate::protocol::MAX_SERVED_TOKEN_LEN
+            ));
+        }
+    }
     Ok(Current {
         held,
         expiry,
         lifetime: expiry.saturating_sub(now),
-        obtained: Instant::now(),
     })
 }
 
@@ -347,13 +356,18 @@ impl Handler<Fetch> for Sources {
             return Box::pin(async { Err(SourceFailed) });
         };
         let valid = entry.value.as_ref().filter(|c| c.expiry > now);
-        let cooling = valid.is_some_and(|c| c.obtained.elapsed() < cooldown);
+        // Explicit refreshes start the command at most once per cooldown, counted from
+        // its last start whatever its outcome; while a failed source waits for its retry,
+        // no request starts it.
+        let cooling = entry.last_attempt.is_some_and(|t| t.elapsed() < cooldown);
+        let failing = entry.failures > 0;
         let due = valid
             .is_some_and(|c| Duration::from_secs(c.expiry - now) <= Self::lead(margin, c.lifetime));
         let wait = match (valid, msg.explicit) {
-            (Some(_), true) => !cooling,
+            _ if entry.running.is_some() => valid.is_none() || msg.explicit,
+            (Some(_), true) => !cooling && !failing,
             (Some(_), false) => false,
-            (None, _) => entry.running.is_some() || entry.failures == 0 || msg.explicit,
+            (None, _) => !failing,
         };
         if !wait {
             let answer = valid.map(|c| c.held.clone()).ok_or(SourceFailed);

@@ -220,6 +220,24 @@ pub fn rfc3339(text: &str) -> Option<u64> {
     {
         return None;
     }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if day > month_days[(month - 1) as usize] {
+        return None;
+    }
     let mut i = 19;
     if b.get(i) == Some(&b'.') {
         i += 1;
@@ -339,6 +357,9 @@ mod tests {
             "2026-12-04T00:00:00+0100",
             "1969-12-31T23:59:59Z",
             "2026-12-04T00:00:00.Z",
+            "2026-02-29T00:00:00Z",
+            "2026-02-31T00:00:00Z",
+            "2026-04-31T00:00:00Z",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }

@@ -5,11 +5,13 @@
 
 use std::collections::HashSet;
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use zeroize::Zeroizing;
@@ -96,6 +98,12 @@ impl Running {
 }
 
 /// Runs `command` (argv; `command[0]` looked up in `PATH`) and returns its stdout.
+///
+/// Both pipes are read with `poll` against one deadline, and the run ends when the command
+/// has exited and nothing more is ready, or at the deadline: a process the command left
+/// behind (in its group or in a session of its own) that keeps a pipe open cannot hold the
+/// run past its timeout. The command is never reaped before its group is signalled, so a
+/// reused pid can never make us signal an unrelated group.
 pub fn run(
     command: &[String],
     timeout: Duration,
@@ -116,71 +124,127 @@ pub fn run(
         program: program.clone(),
         reason: e.to_string(),
     })?;
-    let pgid = child.id() as i32;
-    running
-        .groups
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(pgid);
-    let kill = || {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-    };
-    // A watchdog kills the group at the deadline unless told the command is done.
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watchdog = {
-        let timed_out = timed_out.clone();
-        std::thread::Builder::new()
-            .name("credproxy-source-watch".into())
-            .spawn(move || {
-                if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
-                    timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                }
-            })
-    };
-    let stderr = child.stderr.take().map(|mut err| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::with_capacity(MAX_STDERR);
-            let _ = (&mut err).take(MAX_STDERR as u64).read_to_end(&mut buf);
-            // Drain the rest so the command never blocks on a full stderr pipe.
-            let _ = std::io::copy(&mut err, &mut std::io::sink());
-            buf
-        })
-    });
-    // Sized once (never reallocated: no unwiped copy left behind), read up to one byte
-    // past the cap.
-    let mut out = Zeroizing::new(Vec::with_capacity(
-        MAX_OUTPUT + 1 + crate::backend::file::PROBE_SLACK,
-    ));
-    let mut too_large = false;
-    if let Some(stdout) = child.stdout.take() {
-        let _ = stdout.take(MAX_OUTPUT as u64 + 1).read_to_end(&mut out);
-        if out.len() > MAX_OUTPUT {
-            too_large = true;
-            kill();
+    let pid = child.id() as i32;
+    {
+        let mut groups = running.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.insert(pid);
+        // Stopped between the check above and the insert: stop_all did not see it.
+        if running.stopped() {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    let status = child.wait();
-    let _ = done_tx.send(());
-    if let Ok(w) = watchdog {
-        let _ = w.join();
+    let deadline = Instant::now() + timeout;
+    // Sized once (never reallocated: no unwiped copy left behind), read up to one byte
+    // past the cap.
+    let mut out = Zeroizing::new(vec![0u8; MAX_OUTPUT + 1]);
+    let mut filled = 0;
+    let mut err = Zeroizing::new(vec![0u8; MAX_STDERR]);
+    let mut err_filled = 0;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut timed_out = false;
+    let mut too_large = false;
+    loop {
+        if running.stopped() {
+            break;
+        }
+        let exited = has_exited(pid);
+        let now = Instant::now();
+        if now >= deadline {
+            timed_out = !exited;
+            break;
+        }
+        if stdout.is_none() && stderr.is_none() {
+            if exited {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        // Short slices: the stop flag and the command's exit are looked at often. Once
+        // the command has exited, only what is ready now is still read.
+        let slice = if exited {
+            Duration::ZERO
+        } else {
+            (deadline - now).min(Duration::from_millis(100))
+        };
+        let mut fds = Vec::with_capacity(2);
+        if let Some(o) = &stdout {
+            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(e) = &stderr {
+            fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = u16::try_from(slice.as_millis()).unwrap_or(u16::MAX);
+        let ready = match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        };
+        let flags: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready == 0 {
+            if exited {
+                break;
+            }
+            continue;
+        }
+        let mut i = 0;
+        if stdout.is_some() {
+            if flags[i] {
+                let o = stdout.as_mut().map(|o| o.read(&mut out[filled..]));
+                match o {
+                    Some(Ok(0)) | Some(Err(_)) | None => stdout = None,
+                    Some(Ok(n)) => filled += n,
+                }
+                if filled > MAX_OUTPUT {
+                    too_large = true;
+                    break;
+                }
+            }
+            i += 1;
+        }
+        if stderr.is_some() && flags[i] {
+            let room = MAX_STDERR - err_filled;
+            if room == 0 {
+                // Kept what the log needs; the rest is read and dropped.
+                let mut sink = [0u8; 512];
+                match stderr.as_mut().map(|e| e.read(&mut sink)) {
+                    Some(Ok(0)) | Some(Err(_)) | None => stderr = None,
+                    Some(Ok(_)) => {}
+                }
+            } else {
+                match stderr.as_mut().map(|e| e.read(&mut err[err_filled..])) {
+                    Some(Ok(0)) | Some(Err(_)) | None => stderr = None,
+                    Some(Ok(n)) => err_filled += n,
+                }
+            }
+        }
     }
+    // Signalled while the command is not yet reaped (a zombie at worst): its pid, and so
+    // its group id, cannot have been reused. Leftovers of a command that finished in time
+    // are left alone.
+    let stopped = running.stopped();
+    if timed_out || too_large || stopped {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    drop(stdout);
+    drop(stderr);
     running
         .groups
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remove(&pgid);
-    // Whatever the command left running in its group goes too.
-    kill();
-    let stderr = stderr
-        .and_then(|t| t.join().ok())
-        .map(|bytes| first_line(&bytes, &out))
-        .unwrap_or_default();
-    if running.stopped() {
+        .remove(&pid);
+    let status = child.wait();
+    out.truncate(filled);
+    let stderr = first_line(&err[..err_filled], &out);
+    if stopped {
         return Err(RunError::Stopped { program });
     }
-    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+    if timed_out {
         return Err(RunError::Timeout { program, timeout });
     }
     if too_large {
@@ -205,8 +269,21 @@ pub fn run(
     Ok(out)
 }
 
+/// True when the process `pid` (our child) has exited; it is left unreaped.
+fn has_exited(pid: i32) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    matches!(
+        waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ),
+        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+    )
+}
+
 /// The first non-empty line of `stderr`, trimmed, at most 200 characters, printable only;
-/// empty when it contains any line of `stdout` (a command that echoes its secret there).
+/// withheld when stderr repeats any run of 8 or more credential-like characters of
+/// `stdout` (a command that echoes its secret, or part of a JSON answer, there too).
 fn first_line(stderr: &[u8], stdout: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let line = text
@@ -214,13 +291,13 @@ fn first_line(stderr: &[u8], stdout: &[u8]) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("");
-    let out = String::from_utf8_lossy(stdout);
-    if out
-        .lines()
-        .map(str::trim)
-        .any(|l| l.len() >= 4 && text.contains(l))
-    {
-        return "(stderr withheld: it repeats the output)".to_owned();
+    let credential_char = |b: &u8| b.is_ascii_alphanumeric() || b"._~+/=-".contains(b);
+    let repeats = stdout
+        .split(|b| !credential_char(b))
+        .filter(|w| w.len() >= 8)
+        .any(|w| text.contains(&*String::from_utf8_lossy(w)));
+    if repeats {
+        return "(stderr withheld: it repeats part of the output)".to_owned();
     }
     line.chars().filter(|c| !c.is_control()).take(200).collect()
 }
@@ -273,13 +350,46 @@ mod tests {
     }
 
     #[test]
-    fn a_background_child_holding_stdout_is_killed_with_the_group() {
+    fn a_left_behind_process_holding_the_pipes_cannot_hold_the_run() {
         let r = Running::default();
+        for script in [
+            "printf v; sleep 30 &",
+            "printf v; setsid sleep 30 &",
+            "printf v; setsid sh -c 'sleep 30' 2>&1 &",
+        ] {
+            let started = std::time::Instant::now();
+            let out = run(&sh(script), Duration::from_secs(2), &r).expect(script);
+            assert_eq!(&out[..], b"v", "{script}");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{script}: {:?}",
+                started.elapsed()
+            );
+        }
+        // A command that itself never ends is killed at the deadline, pipes held or not.
         let started = std::time::Instant::now();
-        let out = run(&sh("printf v; sleep 30 &"), Duration::from_secs(2), &r);
-        // The background sleep keeps stdout open until the watchdog kills the group.
-        assert!(started.elapsed() < Duration::from_secs(4));
-        assert!(out.is_err() || &out.unwrap()[..] == b"v");
+        assert!(matches!(
+            run(
+                &sh("setsid sleep 30 & sleep 30"),
+                Duration::from_millis(500),
+                &r
+            ),
+            Err(RunError::Timeout { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn stderr_repeating_part_of_a_json_output_is_withheld() {
+        let r = Running::default();
+        let script = r#"printf '{"token":"abcdefgh123"}'; echo 'token is abcdefgh123' >&2; exit 1"#;
+        match run(&sh(script), Duration::from_secs(5), &r).unwrap_err() {
+            RunError::Failed { stderr, .. } => {
+                assert!(!stderr.contains("abcdefgh123"), "{stderr}");
+                assert!(stderr.contains("withheld"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
