@@ -55,6 +55,10 @@ struct Timer {
 /// The refresh engine (see the module documentation).
 pub struct Refresher {
     env: Option<FlowEnv>,
+    /// What the env is built from, until it is (see [`Refresher::ensure_env`]).
+    parts: Option<(Arc<dyn Backend>, RefreshConfig)>,
+    /// Host-side refresh is on (renewal, scans).
+    enabled: bool,
     workers: Option<Workers>,
     profile: Profile,
     /// Tokens served by command sources: the stored ones they hide are not renewed.
@@ -105,6 +109,37 @@ impl Refresher {
         config: RefreshConfig,
         shadowed: crate::source::SourceIndex,
     ) -> Refresher {
+        Refresher {
+            env: None,
+            workers: None,
+            enabled: config.settings.enabled,
+            scan_interval: config.scan_interval,
+            renewal_retry: config.renewal_retry,
+            failure_backoff: config.failure_backoff,
+            parts: Some((backend, config)),
+            profile,
+            shadowed,
+            flights: HashMap::new(),
+            timers: HashMap::new(),
+            renewal_failures: HashMap::new(),
+            backoff: HashMap::new(),
+            next_flight: 0,
+            stopping: false,
+            stop_waiter: None,
+        }
+    }
+
+    fn renewing(&self) -> bool {
+        !self.stopping && self.enabled && (self.env.is_some() || self.parts.is_some())
+    }
+
+    /// Builds the HTTP client and the worker pool on first use, so that a server that
+    /// never refreshes (`--no-refresh`, nothing refreshable asked for) holds no thread or
+    /// descriptor for them.
+    fn ensure_env(&mut self) {
+        let Some((backend, config)) = self.parts.take() else {
+            return;
+        };
         let workers = Workers::start("credproxy-refresh");
         let upstream = match Upstream::with(config.timeouts, config.retry.clone()) {
             Ok(upstream) => Some(upstream),
@@ -113,7 +148,7 @@ impl Refresher {
                 None
             }
         };
-        let env = match (&workers, upstream) {
+        self.env = match (&workers, upstream) {
             (Some(workers), Some(upstream)) => Some(FlowEnv {
                 backend,
                 endpoints: Arc::new(config.endpoints),
@@ -124,26 +159,7 @@ impl Refresher {
             }),
             _ => None,
         };
-        Refresher {
-            env,
-            workers,
-            profile,
-            shadowed,
-            scan_interval: config.scan_interval,
-            renewal_retry: config.renewal_retry,
-            flights: HashMap::new(),
-            timers: HashMap::new(),
-            renewal_failures: HashMap::new(),
-            backoff: HashMap::new(),
-            failure_backoff: config.failure_backoff,
-            next_flight: 0,
-            stopping: false,
-            stop_waiter: None,
-        }
-    }
-
-    fn renewing(&self) -> bool {
-        !self.stopping && self.env.as_ref().is_some_and(|e| e.settings.enabled)
+        self.workers = workers;
     }
 
     /// Starts a flight for `key`, or joins the one running, and hands the result to
@@ -159,6 +175,7 @@ impl Refresher {
             flight.waiters.extend(waiter);
             return;
         }
+        self.ensure_env();
         let Some(env) = self.env.clone() else {
             if let Some(tx) = waiter {
                 let _ = tx.send(failed());
@@ -332,6 +349,7 @@ impl Refresher {
         if !self.renewing() {
             return;
         }
+        self.ensure_env();
         let Some(env) = self.env.clone() else { return };
         let profile = self.profile.clone();
         let shadowed = self.shadowed.clone();
@@ -544,6 +562,7 @@ impl Handler<Stop> for Refresher {
                 }
             }
             act.env = None;
+            act.parts = None;
             if let Some(workers) = act.workers.take() {
                 workers.release();
             }
