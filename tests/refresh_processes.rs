@@ -223,3 +223,57 @@ fn a_loopback_endpoint_is_never_reached_through_a_proxy() {
     assert_eq!(hits.load(Ordering::SeqCst), 0, "nothing went to the proxy");
     server.stop(nix::sys::signal::Signal::SIGTERM);
 }
+
+/// `credproxy logout` on the host while a running server refreshes the same bucket: once
+/// logout has exited, the token is gone for good; the refresh's answer is discarded.
+#[test]
+fn logout_during_a_running_servers_refresh_wins() {
+    use common::process::{run, Stdin, BIN};
+    let endpoint = TokenEndpoint::start("rt-0");
+    endpoint
+        .push([Reply::token("at-late", 3600, Some("rt-late")).after(Duration::from_millis(900))]);
+    let fx = Fixture::new();
+    fx.seed_expired("anthropic", "default", "rt-0");
+    let profile = fx.refresh_profile(&endpoint.url());
+    let server = fx.start_serve(&["--profile", profile.as_str()], Env::ISOLATED);
+    let mut raw = server.connect();
+    raw.send(&json!({"id": "g", "op": "get_token", "payload": {"provider": "anthropic"}}));
+    assert_eq!(
+        endpoint.wait_for(1, Duration::from_secs(3)),
+        1,
+        "refresh on its way"
+    );
+    let out = run(
+        BIN,
+        &[
+            "logout",
+            "anthropic",
+            "--store",
+            fx.store_str(),
+            "--profile",
+            profile.as_str(),
+        ],
+        Stdin::Null,
+        Env::ISOLATED,
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let reply = raw.recv();
+    assert_eq!(
+        reply["code"], "NOT_FOUND",
+        "the refresh found the token removed: {reply}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fx.stored_refresh("anthropic", "default"),
+        None,
+        "still removed"
+    );
+    let reply = raw.call("2", "get_token", json!({"provider": "anthropic"}));
+    assert_eq!(reply["code"], "NOT_FOUND", "{reply}");
+    let stopped = server.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        stopped.stderr.contains("removed meanwhile"),
+        "{}",
+        stopped.stderr
+    );
+}
