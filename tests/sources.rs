@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::refresh::now;
+use common::refresh::{now, RefreshServer};
 use common::{allow_all, assert_err, data, offline, short_limits, Raw};
 use credproxy::backend::MemoryBackend;
 use credproxy::source::{SourceSettings, SourceSpec, SourceTarget};
-use credproxy::{Config, ServerHandle, Supervisor};
+use credproxy::Config;
 use serde_json::json;
 
 fn sh(script: &str) -> Vec<String> {
@@ -38,11 +38,23 @@ fn key_source(name: &str, command: Vec<String>) -> SourceSpec {
     }
 }
 
+/// A server with `sources` and no host-side refresh endpoints, and its memory store.
 struct Server {
-    handle: Option<ServerHandle>,
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
+    server: RefreshServer,
     memory: Arc<MemoryBackend>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = RefreshServer;
+    fn deref(&self) -> &RefreshServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut RefreshServer {
+        &mut self.server
+    }
 }
 
 impl Server {
@@ -51,11 +63,9 @@ impl Server {
     }
 
     fn start_with(sources: Vec<SourceSpec>, profile: credproxy::policy::Profile) -> Server {
-        let dir = tempfile::tempdir().unwrap();
         let memory = Arc::new(MemoryBackend::new());
         let mut config = Config::new(memory.clone());
         offline(&mut config);
-        config.socket_dir = Some(dir.path().to_owned());
         config.profile = profile;
         config.limits = short_limits();
         config.limits.rate_limit = 0;
@@ -67,24 +77,10 @@ impl Server {
             cooldown: Duration::from_secs(1),
             ..SourceSettings::default()
         };
-        let handle = Supervisor::start(config).unwrap();
-        let path = handle.socket_path().to_owned();
         Server {
-            handle: Some(handle),
-            _dir: dir,
-            path,
+            server: RefreshServer::with(config),
             memory,
         }
-    }
-
-    fn connect(&self) -> Raw {
-        let mut raw = Raw::connect(&self.path);
-        raw.handshake();
-        raw
-    }
-
-    fn shutdown(&mut self) -> credproxy::ShutdownReport {
-        self.handle.take().unwrap().shutdown_blocking().unwrap()
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 pub use engine::Refresher;
 pub use flow::{FlowError, Reason};
-pub use schedule::{BucketKey, Cooldowns, RefreshSettings};
+pub use schedule::{BucketKey, RefreshSettings};
 
 use crate::oauth::{Endpoint, RetryPolicy, Timeouts};
 

@@ -1,8 +1,8 @@
 //! When a token is refreshed (PROTOCOL.md §14): the settings, the "due" rule of
-//! `get_token`, the renewal time with its jitter, and the cooldown after a success. Pure
+//! `get_token` and the renewal time with its jitter (the cooldown after a success is kept
+//! in the store, `RefreshState::refreshed_at`, so every process sees it). Pure
 //! functions of the clock, so the engine and its tests agree on every boundary.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 /// The refresh settings of a server (`--refresh-margin`, `--renew-before`,
@@ -90,41 +90,9 @@ impl std::fmt::Display for BucketKey {
     }
 }
 
-/// When each provider:bucket was last refreshed successfully, for the cooldown.
-#[derive(Debug, Default)]
-pub struct Cooldowns {
-    last: HashMap<BucketKey, std::time::Instant>,
-}
-
-impl Cooldowns {
-    /// Records a successful refresh of `key` at `at`.
-    pub fn succeeded(&mut self, key: &BucketKey, at: std::time::Instant) {
-        self.last.insert(key.clone(), at);
-    }
-
-    /// True when `key` was refreshed less than `cooldown` before `now`.
-    pub fn cooling(&self, key: &BucketKey, now: std::time::Instant, cooldown: Duration) -> bool {
-        self.last
-            .get(key)
-            .is_some_and(|t| now.saturating_duration_since(*t) < cooldown)
-    }
-
-    /// Forgets `key` (its token was removed or replaced by a save).
-    pub fn forget(&mut self, key: &BucketKey) {
-        self.last.remove(key);
-    }
-
-    /// Forgets every entry older than `cooldown`, so the map does not grow.
-    pub fn prune(&mut self, now: std::time::Instant, cooldown: Duration) {
-        self.last
-            .retain(|_, t| now.saturating_duration_since(*t) < cooldown);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn due_within_the_margin_or_expired() {
@@ -196,23 +164,5 @@ mod tests {
             BucketKey::new("anthropic", Some("work"))
         );
         assert_eq!(BucketKey::new("a", None).to_string(), "a:default");
-    }
-
-    #[test]
-    fn cooldown_lasts_its_duration_and_is_per_bucket() {
-        let mut c = Cooldowns::default();
-        let t0 = Instant::now();
-        let k = BucketKey::new("a", None);
-        let cd = Duration::from_secs(30);
-        assert!(!c.cooling(&k, t0, cd));
-        c.succeeded(&k, t0);
-        assert!(c.cooling(&k, t0 + Duration::from_secs(29), cd));
-        assert!(!c.cooling(&k, t0 + Duration::from_secs(30), cd));
-        assert!(!c.cooling(&BucketKey::new("a", Some("w")), t0, cd));
-        c.prune(t0 + Duration::from_secs(31), cd);
-        assert!(!c.cooling(&k, t0, cd));
-        c.succeeded(&k, t0);
-        c.forget(&k);
-        assert!(!c.cooling(&k, t0, cd));
     }
 }

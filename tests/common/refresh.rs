@@ -63,14 +63,20 @@ pub struct RefreshServer {
 }
 
 impl RefreshServer {
+    /// Allows everything, short limits, no rate limit, `refresh` as given.
     pub fn start(backend: Arc<dyn Backend>, refresh: RefreshConfig) -> RefreshServer {
-        let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::new(backend);
-        config.socket_dir = Some(dir.path().to_owned());
         config.profile = allow_all();
         config.limits = short_limits();
         config.limits.rate_limit = 0;
         config.refresh = refresh;
+        RefreshServer::with(config)
+    }
+
+    /// `config` as it is, on a fresh socket directory.
+    pub fn with(mut config: Config) -> RefreshServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        config.socket_dir = Some(dir.path().to_owned());
         let handle = Supervisor::start(config).expect("start");
         let path = handle.socket_path().to_owned();
         RefreshServer {
