@@ -181,6 +181,10 @@ pub struct Config {
     pub sources: Vec<SourceSpec>,
     /// How sources run (timeout, default TTL, retry pauses).
     pub source_settings: SourceSettings,
+    /// The digest of this launch's capability token (PROTOCOL.md §13): when set, every
+    /// handshake must present the token. `None`: no token is asked for, and one a client
+    /// presents is ignored.
+    pub capability: Option<crate::capability::CapabilityDigest>,
 }
 
 impl Config {
@@ -198,6 +202,7 @@ impl Config {
             refresh: RefreshConfig::default(),
             sources: Vec::new(),
             source_settings: SourceSettings::default(),
+            capability: None,
         }
     }
 }

@@ -35,6 +35,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod capability;
 pub mod cli;
 pub mod client;
 pub mod codec;
