@@ -10,8 +10,23 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-/// The largest frame body either side may send (PROTOCOL.md §3).
+/// The largest frame body either side may send before the handshake and on version-1
+/// connections (PROTOCOL.md §3).
 pub const MAX_FRAME_LEN: usize = 65_536;
+
+/// The largest frame body either side may send on a version-2 connection (PROTOCOL.md
+/// §13): 4 MiB.
+pub const MAX_FRAME_LEN_V2: usize = 4 * 1024 * 1024;
+
+/// The frame limit of a connection that negotiated `version` (65 536 bytes for version
+/// 1, 4 MiB for version 2).
+pub fn frame_limit(version: i64) -> usize {
+    if version >= 2 {
+        MAX_FRAME_LEN_V2
+    } else {
+        MAX_FRAME_LEN
+    }
+}
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 4;
