@@ -65,6 +65,7 @@ fn parse(c: &mut Criterion) {
         let data = protocol::ReplyData::Token(token().served());
         b.iter(|| {
             black_box(protocol::ok_reply(
+                1,
                 "0f8fad5b-d9cb-469f-a165-70867728950e",
                 &data,
             ))

@@ -52,8 +52,8 @@ impl std::fmt::Debug for FrameEvent {
 /// A framing failure; the stream cannot be resynchronised after one.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    /// The header announced a body longer than [`MAX_FRAME_LEN`].
-    #[error("frame length {0} exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    /// The header announced a body longer than the connection's limit.
+    #[error("frame length {0} exceeds the connection's frame limit")]
     Oversize(u32),
     /// The peer closed the stream in the middle of a frame.
     #[error("connection closed in the middle of a frame")]

@@ -67,6 +67,13 @@ pub struct Limits {
     /// own watermark unsent when a reply takes the server over it is closed at once, its
     /// unsent bytes wiped and dropped (see [`crate::outbox`]). Default 64 MiB.
     pub max_unsent_total: usize,
+    /// The most bytes of large frames (bodies over 65 536 bytes, which only version-2
+    /// connections may send, PROTOCOL.md §13) that all connections together may hold at
+    /// once: while a frame is read and until its request is answered. A connection whose
+    /// large frame does not fit stops reading until it does; its partial-frame deadline
+    /// keeps running, so it waits at most that long. 0: no bound. Default 64 MiB (see
+    /// [`crate::session::reader`]).
+    pub max_large_frames_total: usize,
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit at start, before the connection
     /// cap is derived. It changes the whole process, so it is off by default for a host
     /// program embedding the server; `credproxy serve` and `exec` turn it on.
@@ -84,6 +91,9 @@ pub const MAX_CONNECTIONS_CEILING: usize = 4096;
 
 /// Default [`Limits::max_unsent_total`]: 64 MiB.
 pub const DEFAULT_MAX_UNSENT_TOTAL: usize = 64 << 20;
+
+/// Default [`Limits::max_large_frames_total`]: 64 MiB (sixteen 4 MiB frames).
+pub const DEFAULT_MAX_LARGE_FRAMES_TOTAL: usize = 64 << 20;
 
 /// Default [`Limits::idle_timeout`]: 15 minutes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -139,6 +149,7 @@ impl Default for Limits {
             max_connections: 0,
             max_connections_per_pid: 0,
             max_unsent_total: DEFAULT_MAX_UNSENT_TOTAL,
+            max_large_frames_total: DEFAULT_MAX_LARGE_FRAMES_TOTAL,
             raise_nofile_limit: false,
         }
     }

@@ -58,6 +58,11 @@ pub struct Payload<'a> {
     pub max_version: Option<Scalar<'a>>,
     /// `token` (save_token), wiped on drop unless taken.
     token: Option<Value>,
+    /// `capabilityToken` (handshake, PROTOCOL.md §13); an unescaped copy is wiped on
+    /// drop.
+    pub capability_token: Option<Scalar<'a>>,
+    /// `targetId` (cancel, PROTOCOL.md §13)
+    pub target_id: Option<Scalar<'a>>,
     /// The names of the fields present, for `Debug` (names only, never values).
     fields: u8,
 }
@@ -74,16 +79,21 @@ impl Drop for Payload<'_> {
         if let Some(token) = &mut self.token {
             wipe_json(token);
         }
+        if let Some(Scalar::Str(Cow::Owned(text))) = &mut self.capability_token {
+            zeroize::Zeroize::zeroize(text);
+        }
     }
 }
 
-const PAYLOAD_FIELDS: [&str; 6] = [
+const PAYLOAD_FIELDS: [&str; 8] = [
     "provider",
     "bucket",
     "name",
     "minVersion",
     "maxVersion",
     "token",
+    "capabilityToken",
+    "targetId",
 ];
 
 /// Shows which known fields are present, never their values (a payload may carry a
@@ -295,6 +305,8 @@ impl<'de> Visitor<'de> for PayloadVisitor {
                 Some(2) => p.name = Some(map.next_value()?),
                 Some(3) => p.min_version = Some(map.next_value()?),
                 Some(4) => p.max_version = Some(map.next_value()?),
+                Some(6) => p.capability_token = Some(map.next_value()?),
+                Some(7) => p.target_id = Some(map.next_value()?),
                 Some(5) => {
                     let value: Value = map.next_value()?;
                     // A repeated key keeps the last value; the earlier one is wiped.
@@ -500,6 +512,8 @@ mod fast {
                 Some(2) => p.name = Some(value),
                 Some(3) => p.min_version = Some(value),
                 Some(4) => p.max_version = Some(value),
+                Some(6) => p.capability_token = Some(value),
+                Some(7) => p.target_id = Some(value),
                 // A token is an object: serde_json parses it.
                 Some(_) => return None,
                 None => {}
@@ -634,8 +648,16 @@ mod tests {
             None => "none".to_owned(),
             Some(PayloadField::NotObject) => "not-object".to_owned(),
             Some(PayloadField::Object(p)) => format!(
-                "{:?} {:?} {:?} {:?} {:?} {:?} {}",
-                p.provider, p.bucket, p.name, p.min_version, p.max_version, p.token, p.fields
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {}",
+                p.provider,
+                p.bucket,
+                p.name,
+                p.min_version,
+                p.max_version,
+                p.token,
+                p.capability_token,
+                p.target_id,
+                p.fields
             ),
         };
         format!("{:?} {:?} {:?} {payload}", f.v, f.id, f.op)

@@ -1,5 +1,6 @@
-//! Wire types of protocol v1 (PROTOCOL.md §4, §5, §7, §10): error codes, operations,
-//! request parsing and reply building. No I/O here.
+//! Wire types of the protocol (PROTOCOL.md §4, §5, §7, §10, and version 2 in §13): error
+//! codes, operations, the handshake's negotiation, request parsing and reply building.
+//! No I/O here.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -7,12 +8,17 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::capability::CapabilityDigest;
 use crate::envelope::{self, Frame, FrameError, Payload, PayloadField, Scalar};
 use crate::names::{self, NameKind, DEFAULT_BUCKET};
 use crate::token::{ServedToken, Token};
 
 /// The protocol versions this server speaks.
-pub const SUPPORTED_VERSIONS: &[i64] = &[1];
+pub const SUPPORTED_VERSIONS: &[i64] = &[1, 2];
+
+/// The highest version this server speaks: the `v` of a rejected handshake and of the
+/// error frame before a close on a connection with no version yet (§13).
+pub const HIGHEST_VERSION: i64 = 2;
 
 /// A wire error code (PROTOCOL.md §10). These, with a short sentence, are all that an
 /// error reply carries; internal errors never cross the socket.
@@ -42,11 +48,15 @@ pub enum ErrorCode {
     ReauthRequired,
     /// A refresh failed for another reason, after its retries (§14).
     RefreshFailed,
+    /// The request was cancelled by the client (§13).
+    Cancelled,
+    /// The reply would exceed the connection's frame limit (§3, §13).
+    ResponseTooLarge,
 }
 
 impl ErrorCode {
     /// Every code, in the order of PROTOCOL.md §10.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidRequest,
         ErrorCode::UnknownVersion,
         ErrorCode::Unauthorized,
@@ -58,6 +68,8 @@ impl ErrorCode {
         ErrorCode::RefreshNotAvailable,
         ErrorCode::ReauthRequired,
         ErrorCode::RefreshFailed,
+        ErrorCode::Cancelled,
+        ErrorCode::ResponseTooLarge,
     ];
 
     /// The code as it appears on the wire.
@@ -74,6 +86,8 @@ impl ErrorCode {
             ErrorCode::RefreshNotAvailable => "REFRESH_NOT_AVAILABLE",
             ErrorCode::ReauthRequired => "REAUTH_REQUIRED",
             ErrorCode::RefreshFailed => "REFRESH_FAILED",
+            ErrorCode::Cancelled => "CANCELLED",
+            ErrorCode::ResponseTooLarge => "RESPONSE_TOO_LARGE",
         }
     }
 
@@ -112,11 +126,13 @@ pub enum Op {
     HasApiKey,
     /// `refresh_token` (§14)
     RefreshToken,
+    /// `cancel` (§13)
+    Cancel,
 }
 
 impl Op {
     /// Every operation.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 11] = [
         Op::GetToken,
         Op::SaveToken,
         Op::RemoveToken,
@@ -127,6 +143,7 @@ impl Op {
         Op::ListApiKeys,
         Op::HasApiKey,
         Op::RefreshToken,
+        Op::Cancel,
     ];
 
     /// The operation's wire name.
@@ -142,6 +159,7 @@ impl Op {
             Op::ListApiKeys => "list_api_keys",
             Op::HasApiKey => "has_api_key",
             Op::RefreshToken => "refresh_token",
+            Op::Cancel => "cancel",
         }
     }
 
@@ -197,7 +215,7 @@ pub fn parse_frame(body: &[u8]) -> Result<Frame<'_>, &'static str> {
     })
 }
 
-/// The outcome of the version negotiation of a handshake frame (§4).
+/// The outcome of a handshake frame (§4, §13).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handshake {
     /// Agreed on this version.
@@ -206,10 +224,32 @@ pub enum Handshake {
     NotHandshake,
     /// No version in common, or the version fields are unusable.
     NoVersion,
+    /// The server was started with a capability token and the handshake did not present
+    /// it (missing, not a string, or wrong).
+    Unauthorized,
 }
 
-/// Negotiates the version from the first frame of a connection (§4).
-pub fn negotiate(frame: &Frame<'_>) -> Handshake {
+/// Negotiates the version from the first frame of a connection (§4), then, when the server
+/// has a capability token, checks the one presented (§13: the version is checked first).
+/// A server without a token ignores one a client presents.
+pub fn negotiate(frame: &Frame<'_>, capability: Option<&CapabilityDigest>) -> Handshake {
+    let agreed = match negotiate_version(frame) {
+        Handshake::Agreed(version) => version,
+        other => return other,
+    };
+    if let Some(digest) = capability {
+        let presented = match &frame.payload {
+            Some(PayloadField::Object(p)) => p.capability_token.as_ref().and_then(Scalar::as_str),
+            _ => None,
+        };
+        if !presented.is_some_and(|token| digest.verify(token)) {
+            return Handshake::Unauthorized;
+        }
+    }
+    Handshake::Agreed(agreed)
+}
+
+fn negotiate_version(frame: &Frame<'_>) -> Handshake {
     if frame.op.as_ref().and_then(Scalar::as_str) != Some("handshake") {
         return Handshake::NotHandshake;
     }
@@ -352,6 +392,11 @@ pub enum Request {
         /// Bucket name (`default` when omitted).
         bucket: String,
     },
+    /// `cancel` (§13); the session answers it itself.
+    Cancel {
+        /// The id of the request to cancel.
+        target_id: String,
+    },
 }
 
 fn name_field(field: &Option<Scalar<'_>>, name: &str, kind: NameKind) -> Result<String, Rejection> {
@@ -417,6 +462,13 @@ impl Request {
             Op::HasApiKey => Request::HasApiKey {
                 name: name_field(&payload.name, "name", NameKind::Key)?,
             },
+            Op::Cancel => match &payload.target_id {
+                Some(Scalar::Str(id)) => Request::Cancel {
+                    target_id: id.as_ref().to_owned(),
+                },
+                Some(_) => return Err(Rejection::invalid("targetId must be a string")),
+                None => return Err(Rejection::invalid("missing targetId")),
+            },
         })
     }
 
@@ -433,6 +485,7 @@ impl Request {
             Request::ListApiKeys => Op::ListApiKeys,
             Request::HasApiKey { .. } => Op::HasApiKey,
             Request::RefreshToken { .. } => Op::RefreshToken,
+            Request::Cancel { .. } => Op::Cancel,
         }
     }
 
@@ -452,7 +505,7 @@ impl Request {
             }
             Request::ListBuckets { provider } => t.provider = Some(provider),
             Request::GetApiKey { name } | Request::HasApiKey { name } => t.key = Some(name),
-            Request::ListProviders | Request::ListApiKeys => {}
+            Request::ListProviders | Request::ListApiKeys | Request::Cancel { .. } => {}
         }
         t
     }
@@ -498,7 +551,7 @@ impl Drop for ReplyData {
 
 #[derive(Serialize)]
 struct ErrReply<'a> {
-    v: u8,
+    v: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -510,21 +563,41 @@ struct ErrReply<'a> {
     retry_after: Option<u64>,
 }
 
-/// Start of a success reply, up to the id.
-const OK_HEAD: &[u8] = br#"{"v":1,"id":"#;
+/// Start of a success reply, up to the version digit.
+const OK_HEAD: &[u8] = br#"{"v":"#;
+/// Between the version digit and the id of a success reply.
+const OK_ID: &[u8] = br#","id":"#;
 /// Between the id and the data of a success reply.
 const OK_DATA: &[u8] = br#","ok":true,"data":"#;
 
 /// The largest served token (its JSON without refresh token, as `get_token` carries it)
-/// whose reply still fits in one frame for any request id the protocol accepts: the
-/// frame limit minus the envelope around the data, with an id of [`MAX_ID_LEN`] bytes
-/// that each escape to six (`\u0001`). A `save_token` whose merged result would be larger
-/// is refused, so that every stored token can be served (issue 13 item 6).
-pub const MAX_SERVED_TOKEN_LEN: usize =
-    crate::codec::MAX_FRAME_LEN - (OK_HEAD.len() + 2 + 6 * MAX_ID_LEN + OK_DATA.len() + 1);
+/// whose reply still fits in one frame of `frame_limit` bytes for any request id the
+/// protocol accepts: the limit minus the envelope around the data, with an id of
+/// [`MAX_ID_LEN`] bytes that each escape to six (`\u0001`).
+pub const fn served_token_limit(frame_limit: usize) -> usize {
+    frame_limit - (OK_HEAD.len() + 1 + OK_ID.len() + 2 + 6 * MAX_ID_LEN + OK_DATA.len() + 1)
+}
 
-/// Serializes a success reply body: `{"v":1,"id":…,"ok":true,"data":…}`.
-pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
+/// The largest served token the store accepts: one that a version-2 connection can
+/// always carry (§13). A `save_token` (or `store token set`) whose merged result would be
+/// larger is refused, so that every stored token can be served. A token larger than
+/// [`MAX_SERVED_TOKEN_LEN_V1`] is answered `RESPONSE_TOO_LARGE` on a version-1 connection.
+pub const MAX_SERVED_TOKEN_LEN: usize = served_token_limit(crate::codec::MAX_FRAME_LEN_V2);
+
+/// The largest served token a version-1 connection can always carry.
+pub const MAX_SERVED_TOKEN_LEN_V1: usize = served_token_limit(crate::codec::MAX_FRAME_LEN);
+
+/// The ASCII digit of a negotiated version (1 or 2; anything else is written as the
+/// highest).
+fn version_digit(version: i64) -> u8 {
+    match version {
+        1 => b'1',
+        _ => b'0' + HIGHEST_VERSION as u8,
+    }
+}
+
+/// Serializes a success reply body: `{"v":<version>,"id":…,"ok":true,"data":…}`.
+pub fn ok_reply(version: i64, id: &str, data: &ReplyData) -> Vec<u8> {
     const HEAD: &[u8] = OK_HEAD;
     const OK: &[u8] = OK_DATA;
     // Sized up front so that the buffer (which may hold a secret: a token, an API key)
@@ -534,8 +607,12 @@ pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
         ReplyData::Token(t) => t.json().len(),
         ReplyData::Json(v) => crate::token::json_len(v),
     };
-    let mut out = Vec::with_capacity(HEAD.len() + 2 + 6 * id.len() + OK.len() + data_len + 1);
+    let mut out = Vec::with_capacity(
+        HEAD.len() + 1 + OK_ID.len() + 2 + 6 * id.len() + OK.len() + data_len + 1,
+    );
     out.extend_from_slice(HEAD);
+    out.push(version_digit(version));
+    out.extend_from_slice(OK_ID);
     // A string always serializes.
     let _ = serde_json::to_writer(&mut out, id);
     out.extend_from_slice(OK);
@@ -551,9 +628,11 @@ pub fn ok_reply(id: &str, data: &ReplyData) -> Vec<u8> {
     out
 }
 
-/// Serializes an error reply body. `id` is `None` only for the frame sent before a close;
-/// `op` is `Some("handshake")` only for handshake replies.
+/// Serializes an error reply body. `version` is the connection's negotiated version, or
+/// [`HIGHEST_VERSION`] before the handshake (§13). `id` is `None` only for the frame sent
+/// before a close; `op` is `Some("handshake")` only for handshake replies.
 pub fn error_reply(
+    version: i64,
     id: Option<&str>,
     op: Option<&str>,
     code: ErrorCode,
@@ -561,7 +640,7 @@ pub fn error_reply(
     retry_after: Option<u64>,
 ) -> Vec<u8> {
     let reply = ErrReply {
-        v: 1,
+        v: version,
         id,
         op,
         ok: false,
@@ -572,10 +651,10 @@ pub fn error_reply(
     serde_json::to_vec(&reply).unwrap_or_default()
 }
 
-/// The handshake success reply.
+/// The handshake success reply, carrying the negotiated version as `v` too (§13).
 pub fn handshake_ok(version: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
-        "v": 1, "op": "handshake", "ok": true, "data": {"version": version}
+        "v": version, "op": "handshake", "ok": true, "data": {"version": version}
     }))
     .unwrap_or_default()
 }
@@ -595,15 +674,16 @@ mod tests {
             .served()
         };
         let base = token(0).json().len();
-        let largest = token(MAX_SERVED_TOKEN_LEN - base);
-        assert_eq!(largest.json().len(), MAX_SERVED_TOKEN_LEN);
         let worst_id = "\u{1}".repeat(MAX_ID_LEN);
-        let reply = ok_reply(&worst_id, &ReplyData::Token(largest));
-        assert_eq!(
-            reply.len(),
-            crate::codec::MAX_FRAME_LEN,
-            "exactly one frame"
-        );
+        for (version, limit, frame) in [
+            (1, MAX_SERVED_TOKEN_LEN_V1, crate::codec::MAX_FRAME_LEN),
+            (2, MAX_SERVED_TOKEN_LEN, crate::codec::MAX_FRAME_LEN_V2),
+        ] {
+            let largest = token(limit - base);
+            assert_eq!(largest.json().len(), limit);
+            let reply = ok_reply(version, &worst_id, &ReplyData::Token(largest));
+            assert_eq!(reply.len(), frame, "exactly one frame at v{version}");
+        }
     }
 
     /// Runs `f` on the frame of `v` serialized.
@@ -613,7 +693,7 @@ mod tests {
     }
 
     fn negotiate_json(v: Value) -> Handshake {
-        with_frame(v, |f| negotiate(&f))
+        with_frame(v, |f| negotiate(&f, None))
     }
 
     fn envelope_json(v: Value) -> Result<(String, String), (String, Rejection)> {
@@ -649,10 +729,18 @@ mod tests {
         );
         assert_eq!(
             hs(json!({"minVersion":1,"maxVersion":5})),
-            Handshake::Agreed(1)
+            Handshake::Agreed(2)
+        );
+        assert_eq!(
+            hs(json!({"minVersion":1,"maxVersion":2})),
+            Handshake::Agreed(2)
         );
         assert_eq!(
             hs(json!({"minVersion":2,"maxVersion":3})),
+            Handshake::Agreed(2)
+        );
+        assert_eq!(
+            hs(json!({"minVersion":3,"maxVersion":4})),
             Handshake::NoVersion
         );
         assert_eq!(
@@ -666,6 +754,35 @@ mod tests {
         assert_eq!(hs(json!({})), Handshake::Agreed(1));
         assert_eq!(
             negotiate_json(json!({"v":2,"op":"handshake"})),
+            Handshake::Agreed(2)
+        );
+        assert_eq!(
+            negotiate_json(json!({"v":3,"op":"handshake"})),
+            Handshake::NoVersion
+        );
+        // The capability token is checked after the version (§13).
+        let token = crate::capability::CapabilityToken::generate();
+        let digest = token.digest();
+        let with = |p: Value| {
+            with_frame(json!({"v":1,"op":"handshake","payload":p}), |f| {
+                negotiate(&f, Some(&digest))
+            })
+        };
+        let t = token.expose();
+        assert_eq!(
+            with(json!({"minVersion":1,"maxVersion":2,"capabilityToken":t})),
+            Handshake::Agreed(2)
+        );
+        assert_eq!(
+            with(json!({"minVersion":1,"maxVersion":2})),
+            Handshake::Unauthorized
+        );
+        assert_eq!(
+            with(json!({"minVersion":1,"maxVersion":2,"capabilityToken":7})),
+            Handshake::Unauthorized
+        );
+        assert_eq!(
+            with(json!({"minVersion":3,"maxVersion":4,"capabilityToken":t})),
             Handshake::NoVersion
         );
         assert_eq!(
@@ -747,6 +864,7 @@ mod tests {
     #[test]
     fn replies() {
         let body = error_reply(
+            1,
             Some("1"),
             None,
             ErrorCode::RateLimited,
@@ -758,7 +876,7 @@ mod tests {
             v,
             json!({"v":1,"id":"1","ok":false,"code":"RATE_LIMITED","error":"slow down","retryAfter":1})
         );
-        let body = ok_reply("9", &ReplyData::Json(json!({})));
+        let body = ok_reply(1, "9", &ReplyData::Json(json!({})));
         assert_eq!(
             serde_json::from_slice::<Value>(&body).expect("json"),
             json!({"v":1,"id":"9","ok":true,"data":{}})
@@ -769,7 +887,7 @@ mod tests {
         .expect("token");
         // A long API key: the buffer is sized for it, never grown (a reallocation
         // would leave an unwiped copy of the key behind).
-        let body = ok_reply("1", &ReplyData::Json(json!({"key": "k".repeat(5000)})));
+        let body = ok_reply(1, "1", &ReplyData::Json(json!({"key": "k".repeat(5000)})));
         assert!(
             body.capacity() <= body.len() + 8,
             "{} > {}",
@@ -777,7 +895,12 @@ mod tests {
             body.len()
         );
         let id = "q\"\u{1}\\é";
-        let body = ok_reply(id, &ReplyData::Token(token.served()));
+        let body = ok_reply(1, id, &ReplyData::Token(token.served()));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&ok_reply(2, "x", &ReplyData::Json(json!({}))))
+                .expect("json"),
+            json!({"v":2,"id":"x","ok":true,"data":{}})
+        );
         assert_eq!(
             serde_json::from_slice::<Value>(&body).expect("json"),
             json!({"v":1,"id":id,"ok":true,"data":{"access_token":"a","expiry":1,"token_type":"B"}})

@@ -365,6 +365,9 @@ pub enum Saved {
     /// incomplete); nothing was written. The session answers `INVALID_REQUEST` naming the
     /// missing field.
     Invalid(crate::token::TokenError),
+    /// The request was cancelled before the write began; nothing was written and nobody
+    /// waits for this answer.
+    Cancelled,
 }
 
 /// Merges a token from the sandbox (already without refresh token) into the store, unless
@@ -382,6 +385,49 @@ pub struct SaveToken {
     pub bucket: String,
     /// The incoming token.
     pub token: Token,
+    /// For a request the client may cancel: the write happens only if the gate is still
+    /// open when it begins (see [`WriteGate`]).
+    pub gate: Option<WriteGate>,
+}
+
+/// Decides, once, between a write and the cancellation of the request that asked for it
+/// (PROTOCOL.md §13: a cancelled write is applied whole or not at all). The store commits
+/// the gate just before the backend call that writes; a cancel closes it only while it is
+/// still open. Whichever comes first wins, and the other learns it: a cancel that comes
+/// too late answers `false` and the request keeps its own reply.
+#[derive(Debug, Clone, Default)]
+pub struct WriteGate(Arc<std::sync::atomic::AtomicU8>);
+
+impl WriteGate {
+    const OPEN: u8 = 0;
+    const COMMITTED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    fn swap_from_open(&self, to: u8) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        match self
+            .0
+            .compare_exchange(Self::OPEN, to, AcqRel, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == to,
+        }
+    }
+
+    /// The write begins: true unless the request was cancelled first.
+    pub fn commit(&self) -> bool {
+        self.swap_from_open(Self::COMMITTED)
+    }
+
+    /// The request is cancelled: true unless its write has begun.
+    pub fn cancel(&self) -> bool {
+        self.swap_from_open(Self::CANCELLED)
+    }
+}
+
+/// True when `gate` lets the write go ahead (no gate: always).
+fn may_write(gate: Option<&WriteGate>) -> bool {
+    gate.map_or(true, WriteGate::commit)
 }
 
 impl Handler<SaveToken> for CredentialStore {
@@ -390,6 +436,9 @@ impl Handler<SaveToken> for CredentialStore {
     fn handle(&mut self, msg: SaveToken, _: &mut Context<Self>) -> Self::Result {
         let key = (msg.provider.clone(), msg.bucket.clone());
         let save = self.run("save_token", Some((&key.0, &key.1)), move |s| {
+            if !may_write(msg.gate.as_ref()) {
+                return Ok(Saved::Cancelled);
+            }
             // The backend measures the merged token under its own lock (the file store's
             // flock, shared with every process on the store), so no save slips in between.
             match s.save_token(&msg.provider, &msg.bucket, &msg.token, SaveMode::Merge) {
@@ -423,6 +472,8 @@ pub struct RemoveToken {
     pub provider: String,
     /// Bucket.
     pub bucket: String,
+    /// For a request the client may cancel (see [`WriteGate`]).
+    pub gate: Option<WriteGate>,
 }
 
 impl Handler<RemoveToken> for CredentialStore {
@@ -431,6 +482,9 @@ impl Handler<RemoveToken> for CredentialStore {
     fn handle(&mut self, msg: RemoveToken, _: &mut Context<Self>) -> Self::Result {
         let key = (msg.provider.clone(), msg.bucket.clone());
         let remove = self.run("remove_token", Some((&key.0, &key.1)), move |s| {
+            if !may_write(msg.gate.as_ref()) {
+                return Ok(());
+            }
             s.remove_token(&msg.provider, &msg.bucket).map(drop)
         });
         // The failure itself was logged by `run`; the protocol answers success.

@@ -23,7 +23,6 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -43,7 +42,8 @@ use crate::error::{Error, Result};
 use crate::outbox::UnsentBudget;
 use crate::policy::{self, ScopePolicy};
 use crate::refresh::engine::{self, Refresher};
-use crate::session::{self, Peer, RefreshGate, Session, SessionClosed, Shared};
+use crate::session::reader::InboundBudget;
+use crate::session::{self, Budgets, Peer, RefreshGate, Session, SessionClosed, Shared};
 use crate::socket;
 use crate::source::engine::{Sources, StopSources};
 use crate::source::{SourceIndex, SourceTarget};
@@ -68,8 +68,11 @@ pub struct Supervisor {
     sessions: HashMap<u64, Addr<Session>>,
     next_id: u64,
     rejected_peers: u64,
-    /// Unsent reply bytes across every session (see [`crate::outbox`]).
-    unsent: Rc<UnsentBudget>,
+    /// Unsent reply bytes across every session (see [`crate::outbox`]), and large request
+    /// frames held (see [`crate::session::reader`]).
+    budgets: Budgets,
+    /// The digest of the launch's capability token (PROTOCOL.md §13).
+    capability: Option<crate::capability::CapabilityDigest>,
     /// The connection cap in force (see [`Limits::connection_cap`]).
     connection_cap: usize,
     /// The per-process cap in force (see [`Limits::per_pid_cap`]).
@@ -275,7 +278,10 @@ impl Supervisor {
         .start();
         let store = CredentialStore::new(config.backend, config.limits.store_timeout).start();
         let policy = ScopePolicy::new(config.profile).start();
-        let max_unsent_total = config.limits.max_unsent_total;
+        let budgets = Budgets {
+            unsent: UnsentBudget::new(config.limits.max_unsent_total),
+            inbound: InboundBudget::new(config.limits.max_large_frames_total),
+        };
         let supervisor = Supervisor {
             path: path.clone(),
             inode,
@@ -293,7 +299,8 @@ impl Supervisor {
             sessions: HashMap::new(),
             next_id: 0,
             rejected_peers: 0,
-            unsent: UnsentBudget::new(max_unsent_total),
+            budgets,
+            capability: config.capability,
             connection_cap,
             per_pid_cap,
             session_pids: HashMap::new(),
@@ -325,6 +332,7 @@ impl Supervisor {
             "too many connections"
         };
         let body = crate::protocol::error_reply(
+            crate::protocol::HIGHEST_VERSION,
             None,
             Some("handshake"),
             crate::protocol::ErrorCode::ResourceExhausted,
@@ -386,6 +394,7 @@ impl Actor for Supervisor {
             refresh: self.refresh_gate.clone(),
             sources: self.sources.clone(),
             source_index: Arc::clone(&self.source_index),
+            capability: self.capability.clone(),
         }));
         if let Some(listener) = self.listener.take() {
             let stream = AcceptStream {
@@ -444,7 +453,7 @@ impl StreamHandler<UnixStream> for Supervisor {
         }
         self.sessions.insert(
             id,
-            Session::spawn(stream, id, peer, shared, self.unsent.clone()),
+            Session::spawn(stream, id, peer, shared, self.budgets.clone()),
         );
     }
 
@@ -529,7 +538,23 @@ impl Handler<UnsentBytes> for Supervisor {
     type Result = usize;
 
     fn handle(&mut self, _: UnsentBytes, _: &mut Context<Self>) -> usize {
-        self.unsent.total()
+        self.budgets.unsent.total()
+    }
+}
+
+/// Asks how many bytes of large request frames are held now, and the most held at once
+/// since the start (for tests and measurements; see
+/// [`crate::Limits::max_large_frames_total`]).
+#[derive(Debug, Message)]
+#[rtype(result = "(usize, usize)")]
+pub struct LargeFrameBytes;
+
+impl Handler<LargeFrameBytes> for Supervisor {
+    type Result = actix::MessageResult<LargeFrameBytes>;
+
+    fn handle(&mut self, _: LargeFrameBytes, _: &mut Context<Self>) -> Self::Result {
+        let inbound = &self.budgets.inbound;
+        actix::MessageResult((inbound.held(), inbound.peak()))
     }
 }
 

@@ -1,7 +1,9 @@
-//! Issue 13 item 6: merged saves must not build a token whose served form no longer fits
-//! in a `get_token` reply. A `save_token` whose merged result would be too large is
-//! refused with `INVALID_REQUEST` and nothing is written; the last accepted token is still
-//! served, even to a request with the longest, most expensive id the protocol allows.
+//! Issue 13 item 6, with version 2's 4 MiB frames (PROTOCOL.md §13): merged saves must not
+//! build a token whose served form no longer fits in a version-2 `get_token` reply. A
+//! `save_token` whose merged result would be too large is refused with `INVALID_REQUEST`
+//! and nothing is written; the last accepted token is still served whole at version 2,
+//! even to a request with the longest, most expensive id the protocol allows, and is
+//! `RESPONSE_TOO_LARGE` on a version-1 connection, which stays open.
 
 mod common;
 use common::*;
@@ -28,22 +30,23 @@ fn merged_save_that_would_not_fit_a_reply_is_refused_and_nothing_is_written() {
         ..short_limits()
     };
     let server = TestServer::start_with(allow_all(), limits, seeded());
-    let mut c = server.connect();
+    let mut c = Raw::connect(&server.path);
+    c.handshake_v2();
 
     // Grow the stored token by merged saves with shrinking steps, so that it ends within
     // a few bytes of the largest size that can still be served.
     let mut n = 0;
     let mut refused = 0;
-    for step in [16_000, 1_000, 50, 1] {
+    for step in [1_000_000, 100_000, 10_000, 1_000, 50, 1] {
         loop {
             n += 1;
             let reply = save_field(&mut c, &format!("s{n}"), &format!("f{n:04}"), step);
             if reply["ok"] == json!(true) {
-                assert_eq!(reply, ok(&format!("s{n}"), json!({})));
+                assert_eq!(reply, ok_v(&format!("s{n}"), json!({}), 2));
                 assert!(n < 200, "the token grew without bound");
                 continue;
             }
-            let msg = assert_err(&reply, &format!("s{n}"), "INVALID_REQUEST");
+            let msg = assert_err_v(&reply, &format!("s{n}"), "INVALID_REQUEST", 2);
             assert!(msg.contains("too large"), "{msg}");
             assert!(
                 !msg.contains("xxxx"),
@@ -53,7 +56,7 @@ fn merged_save_that_would_not_fit_a_reply_is_refused_and_nothing_is_written() {
             break;
         }
     }
-    assert_eq!(refused, 4);
+    assert_eq!(refused, 6);
 
     // Nothing of the refused saves was written: the stored token holds exactly the
     // accepted fields (the last refused one of each step is absent).
@@ -84,9 +87,18 @@ fn merged_save_that_would_not_fit_a_reply_is_refused_and_nothing_is_written() {
     assert!(served.get(format!("f{n:04}")).is_none());
     assert!(served.get("refresh_token").is_none());
 
+    // On a version-1 connection the same token is too large for a reply; the connection
+    // stays.
+    let mut v1 = server.connect();
+    let reply = v1.call("v1", "get_token", json!({"provider":"anthropic"}));
+    let msg = assert_err(&reply, "v1", "RESPONSE_TOO_LARGE");
+    assert!(!msg.contains("xxxx") && !msg.contains("at-grown"), "{msg}");
+    let reply = v1.call("v1b", "get_token", json!({"provider":"gemini"}));
+    assert_eq!(data(&reply)["access_token"], json!("at-gemini-default"));
+
     // A save that shrinks a field is still accepted at the limit.
     let reply = save_field(&mut c, "shrink", "f0001", 10);
-    assert_eq!(reply, ok("shrink", json!({})));
+    assert_eq!(reply, ok_v("shrink", json!({}), 2));
 }
 
 /// The host's `credproxy store token set` is held to the same bound (the check sits in the

@@ -191,11 +191,11 @@ fn unreachable_proxy_is_a_connect_error() {
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
 }
 
-/// A stored token too large to serve (the store refuses to write one, so this file was
-/// written by hand or by another tool) is answered `INTERNAL_ERROR`, and the connection
-/// stays usable.
+/// A stored token too large for a version-1 reply (written by hand here; a version-2
+/// client could save one too) is answered `RESPONSE_TOO_LARGE` on a version-1
+/// connection (PROTOCOL.md §3, §13), and the connection stays usable.
 #[test]
-fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
+fn oversize_reply_becomes_response_too_large_and_the_connection_stays() {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let store = tempfile::tempdir().expect("store");
     let backend = credproxy::backend::FileBackend::open(store.path()).expect("open store");
@@ -229,10 +229,7 @@ fn oversize_reply_becomes_internal_error_and_the_connection_stays() {
     let mut raw = common::Raw::connect(handle.socket_path());
     raw.handshake();
     let reply = raw.call("1", "get_token", json!({"provider":"big"}));
-    assert_eq!(
-        reply,
-        json!({"v":1,"id":"1","ok":false,"code":"INTERNAL_ERROR","error":"response too large"})
-    );
+    common::assert_err(&reply, "1", "RESPONSE_TOO_LARGE");
     assert_eq!(
         data(&raw.call("2", "has_api_key", json!({"name":"openai"})))["exists"],
         true

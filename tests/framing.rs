@@ -64,7 +64,7 @@ fn assert_rejected_and_closed(server: &TestServer, body: &[u8]) {
     let reply = raw
         .try_recv()
         .unwrap_or_else(|| panic!("closed without the error frame for body {body:?}"));
-    assert_malformed_frame_reply(&reply);
+    assert_malformed_frame_reply(&reply, 1);
     raw.expect_closed();
 }
 
@@ -417,7 +417,7 @@ fn frames_after_a_malformed_one_in_the_same_write_are_not_answered() {
     let mut bytes = frame(b"[]");
     bytes.extend(frame(get_token_request("after-bad").to_string().as_bytes()));
     raw.write(&bytes);
-    assert_malformed_frame_reply(&raw.recv());
+    assert_malformed_frame_reply(&raw.recv(), 1);
     raw.expect_closed();
 }
 

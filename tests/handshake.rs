@@ -1,5 +1,6 @@
-//! Handshake rules (PROTOCOL.md §4): negotiation, the replies, the first-frame rule and
-//! the handshake deadline.
+//! Handshake rules (PROTOCOL.md §4, with §13's version 2): negotiation, the replies, the
+//! first-frame rule and the handshake deadline. A rejected handshake carries `"v":2`, the
+//! server's highest version. tests/protocol_v2.rs has the full version-2 matrix.
 
 mod common;
 use common::*;
@@ -22,11 +23,11 @@ fn handshake_ok() -> Value {
 }
 
 fn unknown_version() -> Value {
-    json!({"v":1,"op":"handshake","ok":false,"code":"UNKNOWN_VERSION","error":"unsupported protocol version"})
+    json!({"v":2,"op":"handshake","ok":false,"code":"UNKNOWN_VERSION","error":"unsupported protocol version"})
 }
 
 fn handshake_required() -> Value {
-    json!({"v":1,"op":"handshake","ok":false,"code":"INVALID_REQUEST","error":"handshake required"})
+    json!({"v":2,"op":"handshake","ok":false,"code":"INVALID_REQUEST","error":"handshake required"})
 }
 
 /// Sends `first` as the first frame of a fresh connection and returns the connection and
@@ -49,8 +50,14 @@ fn assert_refused(server: &TestServer, first: Value, expected: Value) {
 
 /// The first frame is accepted as a handshake for version 1 and requests are served.
 fn assert_accepted(server: &TestServer, first: Value) {
+    assert_accepted_at(server, first, 1);
+}
+
+/// The first frame is accepted as a handshake for `version` and requests are served.
+fn assert_accepted_at(server: &TestServer, first: Value, version: i64) {
     let (mut raw, reply) = first_frame(server, &first);
-    assert_eq!(reply, handshake_ok(), "reply to {first}");
+    let expected = json!({"v":version,"op":"handshake","ok":true,"data":{"version":version}});
+    assert_eq!(reply, expected, "reply to {first}");
     let providers = raw.call("after-hs", "list_providers", json!({}));
     assert_eq!(
         data(&providers),
@@ -102,9 +109,10 @@ fn handshake_reply_has_no_id_even_when_the_handshake_carries_one() {
 #[test]
 fn wider_range_negotiates_the_highest_supported_version() {
     let server = TestServer::start();
-    assert_accepted(
+    assert_accepted_at(
         &server,
         json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":5}}),
+        2,
     );
     assert_accepted(
         &server,
@@ -113,12 +121,17 @@ fn wider_range_negotiates_the_highest_supported_version() {
 }
 
 #[test]
-fn range_without_version_1_is_unknown_version_then_close() {
+fn range_without_version_1_or_2_is_unknown_version_then_close() {
     let server = TestServer::start();
     assert_refused(
         &server,
-        json!({"v":1,"op":"handshake","payload":{"minVersion":2,"maxVersion":3}}),
+        json!({"v":1,"op":"handshake","payload":{"minVersion":3,"maxVersion":4}}),
         unknown_version(),
+    );
+    assert_accepted_at(
+        &server,
+        json!({"v":1,"op":"handshake","payload":{"minVersion":2,"maxVersion":3}}),
+        2,
     );
 }
 
@@ -165,17 +178,23 @@ fn half_range_falls_back_to_v() {
         &server,
         json!({"v":1,"op":"handshake","payload":{"maxVersion":7}}),
     );
-    assert_refused(
+    assert_accepted_at(
         &server,
         json!({"v":2,"op":"handshake","payload":{"minVersion":1}}),
+        2,
+    );
+    assert_refused(
+        &server,
+        json!({"v":3,"op":"handshake","payload":{"minVersion":1}}),
         unknown_version(),
     );
 }
 
 #[test]
-fn missing_range_with_v_2_is_unknown_version_then_close() {
+fn missing_range_with_v_3_is_unknown_version_then_close() {
     let server = TestServer::start();
-    assert_refused(&server, json!({"v":2,"op":"handshake"}), unknown_version());
+    assert_refused(&server, json!({"v":3,"op":"handshake"}), unknown_version());
+    assert_accepted_at(&server, json!({"v":2,"op":"handshake"}), 2);
 }
 
 #[test]

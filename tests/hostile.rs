@@ -254,8 +254,8 @@ enum Expect {
     },
     /// One success reply for `id` with `data` (when given); the connection stays open.
     Ok { id: String, data: Option<Value> },
-    /// The handshake success reply; the connection stays open.
-    HandshakeOk,
+    /// The handshake success reply for this version; the connection stays open.
+    HandshakeOk(i64),
     /// The §3 error frame (`v`, `ok`, `code` INVALID_REQUEST, `error`; no `id`), then EOF.
     ErrorThenClose,
     /// The §4 handshake error frame, exactly, then EOF.
@@ -717,6 +717,11 @@ fn handshake_cases() -> Vec<Case> {
         first(
             "handshake_versions_2_to_3",
             body(r#"{"v":1,"op":"handshake","payload":{"minVersion":2,"maxVersion":3}}"#),
+            Expect::HandshakeOk(2),
+        ),
+        first(
+            "handshake_versions_3_to_4",
+            body(r#"{"v":1,"op":"handshake","payload":{"minVersion":3,"maxVersion":4}}"#),
             version(),
         ),
         first(
@@ -749,7 +754,7 @@ fn handshake_cases() -> Vec<Case> {
             body(
                 r#"{"v":1,"op":"handshake","payload":{"minVersion":-9223372036854775808,"maxVersion":1}}"#,
             ),
-            Expect::HandshakeOk,
+            Expect::HandshakeOk(1),
         ),
         // §4: "both integers with min <= max": u64::MAX is an integer, so version 1 is in
         // [1, u64::MAX] and must be agreed.
@@ -758,19 +763,19 @@ fn handshake_cases() -> Vec<Case> {
             body(
                 r#"{"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":18446744073709551615}}"#,
             ),
-            Expect::HandshakeOk,
+            Expect::HandshakeOk(2),
         ),
         first(
             "handshake_payload_array_falls_back_to_v",
             body(r#"{"v":1,"op":"handshake","payload":[1,1]}"#),
-            Expect::HandshakeOk,
+            Expect::HandshakeOk(1),
         ),
         first(
             "handshake_with_huge_ignored_field",
             json_frame(
                 json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1},"pad":"p".repeat(60_000)}),
             ),
-            Expect::HandshakeOk,
+            Expect::HandshakeOk(1),
         ),
     ]
 }
@@ -1349,17 +1354,24 @@ fn run_case(h: &Harness, c: &Case) {
             assert_ok_reply(&reply, id, data.as_ref());
             probe(&mut raw);
         }
-        Expect::HandshakeOk => {
+        Expect::HandshakeOk(v) => {
             let reply = raw.try_recv().expect("the handshake reply, not a close");
             assert_eq!(
                 reply,
-                json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}})
+                json!({"v":v,"op":"handshake","ok":true,"data":{"version":v}})
             );
-            probe(&mut raw);
+            raw.limit = credproxy::codec::frame_limit(*v);
+            raw.send(&json!({"id":"probe","op":"get_token","payload":{"provider":"anthropic"}}));
+            let reply = raw.try_recv().expect("a reply to the probe");
+            assert_eq!(
+                reply,
+                json!({"v":v,"id":"probe","ok":true,"data":anthropic_default()})
+            );
         }
         Expect::ErrorThenClose => {
             let reply = raw.try_recv().expect("the §3 error frame before the close");
-            assert_malformed_frame_reply(&reply);
+            // Before the handshake the frame carries the server's highest version (§13).
+            assert_malformed_frame_reply(&reply, if c.first { 2 } else { 1 });
             raw.expect_closed();
         }
         Expect::HandshakeErrorThenClose { code, error } => {
@@ -1368,7 +1380,7 @@ fn run_case(h: &Harness, c: &Case) {
                 .expect("the handshake error frame before the close");
             assert_eq!(
                 reply,
-                json!({"v":1,"op":"handshake","ok":false,"code":code,"error":error})
+                json!({"v":2,"op":"handshake","ok":false,"code":code,"error":error})
             );
             raw.expect_closed();
         }

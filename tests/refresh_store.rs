@@ -411,7 +411,7 @@ fn finish_refresh_refuses_a_token_that_cannot_be_stored_and_writes_nothing() {
     );
     assert!(matches!(r, Err(StoreError::InvalidToken(_))), "{r:?}");
     let huge = Token::from_value(json!({
-        "access_token": "x".repeat(2 << 20),
+        "access_token": "x".repeat(credproxy::protocol::MAX_SERVED_TOKEN_LEN),
         "expiry": 1,
         "token_type": "Bearer",
     }))
@@ -530,7 +530,10 @@ fn a_refused_save_leaves_the_mark() {
         s.b.save_token("p", "default", &partial, SaveMode::Replace)
             .unwrap_err();
     assert!(matches!(err, StoreError::InvalidToken(_)), "{err}");
-    let huge = Token::from_client(json!({"access_token": "x".repeat(2 << 20)})).expect("huge");
+    let huge = Token::from_client(
+        json!({"access_token": "x".repeat(credproxy::protocol::MAX_SERVED_TOKEN_LEN)}),
+    )
+    .expect("huge");
     let err =
         s.b.save_token("p", "default", &huge, SaveMode::Merge)
             .unwrap_err();

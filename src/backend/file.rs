@@ -105,8 +105,10 @@ const EXT: &str = ".json";
 const LOCK_EXT: &str = ".lock";
 const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
-/// Store files are tiny; anything larger is refused rather than read into memory.
-const MAX_FILE_LEN: u64 = 1 << 20;
+/// Store files are small (a token, a key); anything larger than the largest servable
+/// token (4 MiB, PROTOCOL.md §13) with room for its refresh token is refused rather than
+/// read into memory.
+const MAX_FILE_LEN: u64 = (crate::codec::MAX_FRAME_LEN_V2 + (1 << 20)) as u64;
 
 /// The longest [`Backend::refresh_lock`] waits for another holder: a refresh holds it for
 /// its 40 s deadline and a few store calls at most.

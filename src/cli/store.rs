@@ -53,8 +53,14 @@ Exit status (the table of the token and key commands):
      says what to run)
   8  the refresh failed for now (unreachable endpoint, server error, ...): try again later";
 
-/// Largest token JSON or API key read from stdin.
-const MAX_STDIN: u64 = 64 * 1024;
+/// Largest token JSON or API key read from stdin: the version-2 frame limit (4 MiB,
+/// PROTOCOL.md §13) and room for a refresh token. What is stored is then held to what a
+/// version-2 reply can carry (a token's served form, a key).
+const MAX_STDIN: u64 = (crate::codec::MAX_FRAME_LEN_V2 + (1 << 20)) as u64;
+
+/// The longest API key stored: one whose `{"key":"..."}` reply fits a version-2 frame.
+/// A longer one could never be served.
+const MAX_KEY_LEN: usize = crate::protocol::MAX_SERVED_TOKEN_LEN - r#"{"key":""}"#.len();
 
 /// `credproxy store ...`
 #[derive(Subcommand)]
@@ -345,6 +351,13 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
                 zeroize::Zeroize::zeroize(&mut raw);
                 Failure::usage("the API key is not valid UTF-8")
             })?;
+            if text.len() > MAX_KEY_LEN {
+                let mut text = text;
+                zeroize::Zeroize::zeroize(&mut text);
+                return Err(Failure::usage(format!(
+                    "the API key is over {MAX_KEY_LEN} bytes, more than a reply can carry"
+                )));
+            }
             let key = Secret::new(text);
             if key.is_empty() {
                 return Err(Failure::usage("the API key is empty"));

@@ -11,7 +11,8 @@
 //! that ends the connection is written, then the writer is closed, and the actor stops
 //! once the bytes are flushed (or after the linger time for a peer that never reads).
 
-use std::collections::HashSet;
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,25 +21,24 @@ use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
     SpawnHandle, StreamHandler, WrapFuture,
 };
-use bytes::Bytes;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
-use tokio_util::codec::FramedRead;
 
-use crate::codec::{CodecError, FrameCodec, FrameEvent, MAX_FRAME_LEN};
+use crate::capability::CapabilityDigest;
+use crate::codec::{frame_limit, CodecError, MAX_FRAME_LEN};
 use crate::config::Limits;
 use crate::envelope::Frame;
 use crate::outbox::{Outbox, UnsentBudget};
 use crate::policy::{ScopePolicy, Subject};
-use crate::protocol::{self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request};
+use crate::protocol::{
+    self, ErrorCode, Handshake, Op, Rejection, ReplyData, Request, HIGHEST_VERSION,
+};
 use crate::rate_limit::RateLimiter;
 use crate::refresh::engine::Refresher;
 use crate::source::engine::Sources;
 use crate::source::SourceIndex;
-use crate::store::CredentialStore;
-
-/// Read buffer a new connection starts with; it grows to fit the frames actually sent.
-const INITIAL_READ_BUFFER: usize = 1024;
+use crate::store::{CredentialStore, WriteGate};
+use reader::{Body, FrameReader, Inbound, InboundBudget, InboundPermit};
 
 /// Allowed subjects a session remembers; a client that uses more is asked about again
 /// (a sandbox uses a handful of provider:bucket pairs and keys).
@@ -63,6 +63,9 @@ pub struct Shared {
     pub sources: Option<Addr<Sources>>,
     /// Which tokens and keys the command sources serve.
     pub source_index: Arc<SourceIndex>,
+    /// The digest of the launch's capability token; every handshake must present the
+    /// token when set (PROTOCOL.md §13).
+    pub capability: Option<CapabilityDigest>,
 }
 
 /// What a session needs to tell, without asking anyone, whether a token `get_token` read
@@ -107,6 +110,22 @@ enum Phase {
     Closing,
 }
 
+/// A request in flight: its future on the session, and for a write, the gate that decides
+/// between the write and a cancel.
+struct Running {
+    handle: SpawnHandle,
+    gate: Option<WriteGate>,
+}
+
+/// The server-wide budgets a session draws on.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    /// Unsent reply bytes (see [`crate::outbox`]).
+    pub unsent: Rc<UnsentBudget>,
+    /// Large request frames (see [`reader`]).
+    pub inbound: Rc<InboundBudget>,
+}
+
 /// The session actor.
 pub struct Session {
     id: u64,
@@ -116,6 +135,11 @@ pub struct Session {
     outbox: Outbox,
     reader: Option<SpawnHandle>,
     phase: Phase,
+    /// The negotiated version; 0 until the handshake is done.
+    version: i64,
+    /// The connection's frame limit, shared with the reader: raised at a version-2
+    /// handshake.
+    limit: Rc<Cell<usize>>,
     handshake_timer: Option<SpawnHandle>,
     partial_timer: Option<SpawnHandle>,
     /// Ticks at a quarter of [`Limits::idle_timeout`] once the handshake is done.
@@ -124,8 +148,9 @@ pub struct Session {
     /// every frame start and frame (one store, nothing per request beyond it).
     quiet_ticks: u8,
     limiter: RateLimiter,
-    /// Ids of the requests in flight, for the in-flight bound and duplicate ids.
-    in_flight: HashSet<String>,
+    /// The requests in flight by id, for the in-flight bound, duplicate ids and `cancel`
+    /// (`None` only while a request is being checked and spawned).
+    in_flight: HashMap<String, Option<Running>>,
     /// Subjects the `ScopePolicy` allowed on this connection (at most
     /// [`MAX_REMEMBERED`]). The profile cannot change while the server runs, so the
     /// policy's answer for a subject cannot change either: asking again would only cost a
@@ -152,15 +177,15 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// Starts a session actor on the current arbiter for an accepted, peer-checked stream.
-    /// `budget` is the server's unsent-bytes budget, shared by every session.
+    /// `budgets` are the server's, shared by every session.
     pub fn spawn(
         stream: UnixStream,
         id: u64,
         peer: Peer,
         shared: Arc<Shared>,
-        budget: Rc<UnsentBudget>,
+        budgets: Budgets,
     ) -> Addr<Session> {
-        Session::create(move |ctx| Session::new(stream, id, peer, shared, budget, ctx))
+        Session::create(move |ctx| Session::new(stream, id, peer, shared, budgets, ctx))
     }
 
     fn new(
@@ -168,12 +193,13 @@ impl Session {
         id: u64,
         peer: Peer,
         shared: Arc<Shared>,
-        budget: Rc<UnsentBudget>,
+        budgets: Budgets,
         ctx: &mut Context<Session>,
     ) -> Session {
         let (read, write) = stream.into_split();
-        let outbox = Outbox::new(budget);
-        let frames = FramedRead::with_capacity(read, FrameCodec::new(), INITIAL_READ_BUFFER);
+        let outbox = Outbox::new(budgets.unsent);
+        let limit = Rc::new(Cell::new(MAX_FRAME_LEN));
+        let frames = FrameReader::new(read, Rc::clone(&limit), budgets.inbound);
         let reader = ctx.add_stream(outbox.pause_reads(frames));
         ctx.spawn(outbox.writer(
             write,
@@ -197,12 +223,14 @@ impl Session {
             outbox,
             reader: Some(reader),
             phase: Phase::Handshake,
+            version: 0,
+            limit,
             handshake_timer: None,
             partial_timer: None,
             idle_timer: None,
             quiet_ticks: 0,
             limiter: RateLimiter::new(limits.rate_limit, limits.rate_window),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             allowed: Vec::new(),
             close_reason: "eof",
             answered: 0,
@@ -211,29 +239,44 @@ impl Session {
         }
     }
 
+    /// The `v` of replies: the negotiated version, or the highest before the handshake
+    /// (PROTOCOL.md §13).
+    fn v(&self) -> i64 {
+        if self.version == 0 {
+            HIGHEST_VERSION
+        } else {
+            self.version
+        }
+    }
+
     /// Frames and queues `body`, then wipes it (it may hold a secret). The caller checks
-    /// the size against [`MAX_FRAME_LEN`] first.
+    /// the size against the connection's limit first.
     fn send(&mut self, mut body: Vec<u8>) {
         self.outbox.push_frame(&body);
         zeroize::Zeroize::zeroize(&mut body);
     }
 
-    /// Sends a reply to request `id`, replacing one that would exceed the frame limit.
+    /// Sends a reply to request `id`, replacing one that would exceed the connection's
+    /// frame limit by `RESPONSE_TOO_LARGE` (PROTOCOL.md §3, §13); the connection stays.
     fn send_reply(&mut self, id: &str, body: Vec<u8>) {
-        if body.len() > MAX_FRAME_LEN {
+        if body.len() > self.limit.get() {
             let mut body = body;
+            let len = body.len();
             zeroize::Zeroize::zeroize(&mut body);
             tracing::warn!(
                 session = self.id,
-                "reply over the frame limit replaced by INTERNAL_ERROR"
+                version = self.version,
+                len,
+                "reply over the connection's frame limit replaced by RESPONSE_TOO_LARGE"
             );
-            self.send(protocol::error_reply(
-                Some(id),
-                None,
-                ErrorCode::InternalError,
-                "response too large",
-                None,
-            ));
+            let message = if self.version >= 2 {
+                "the reply would exceed the frame limit of 4 MiB"
+            } else {
+                "the reply would exceed the version-1 frame limit of 65536 bytes; \
+                 a client that speaks protocol version 2 can receive it"
+            };
+            let r = Rejection::new(ErrorCode::ResponseTooLarge, message);
+            self.reject(id, &r, None);
         } else {
             self.send(body);
         }
@@ -241,6 +284,7 @@ impl Session {
 
     fn reject(&mut self, id: &str, rejection: &Rejection, retry_after: Option<u64>) {
         let body = protocol::error_reply(
+            self.v(),
             Some(id),
             None,
             rejection.code,
@@ -312,47 +356,82 @@ impl Session {
         }
     }
 
-    fn on_frame(&mut self, body: Bytes, ctx: &mut Context<Self>) {
-        let frame = match protocol::parse_frame(&body) {
+    fn on_frame(&mut self, body: Body, ctx: &mut Context<Self>) {
+        let (bytes, permit) = match body {
+            Body::Small(bytes) => (BodyBytes::Shared(bytes), None),
+            Body::Large(bytes, permit) => (BodyBytes::Owned(bytes), Some(permit)),
+        };
+        let frame = match protocol::parse_frame(bytes.as_slice()) {
             Ok(frame) => frame,
             Err(message) => {
                 tracing::debug!(session = self.id, "malformed frame; closing");
-                let last =
-                    protocol::error_reply(None, None, ErrorCode::InvalidRequest, message, None);
+                let last = protocol::error_reply(
+                    self.v(),
+                    None,
+                    None,
+                    ErrorCode::InvalidRequest,
+                    message,
+                    None,
+                );
                 return self.close(ctx, "malformed-frame", Some(last));
             }
         };
         match self.phase {
             Phase::Handshake => self.on_handshake(&frame, ctx),
-            Phase::Ready => self.on_request(frame, ctx),
+            Phase::Ready => self.on_request(frame, permit, ctx),
             // Frames already buffered when draining began are not executed.
             Phase::Draining | Phase::Closing => {}
         }
     }
 
     fn on_handshake(&mut self, frame: &Frame<'_>, ctx: &mut Context<Self>) {
-        let (code, message, reason) = match protocol::negotiate(frame) {
-            Handshake::Agreed(version) => {
-                if let Some(timer) = self.handshake_timer.take() {
-                    ctx.cancel_future(timer);
+        let (code, message, reason) =
+            match protocol::negotiate(frame, self.shared.capability.as_ref()) {
+                Handshake::Agreed(version) => {
+                    if let Some(timer) = self.handshake_timer.take() {
+                        ctx.cancel_future(timer);
+                    }
+                    self.phase = Phase::Ready;
+                    self.version = version;
+                    self.limit.set(frame_limit(version));
+                    self.start_idle_timer(ctx);
+                    tracing::debug!(session = self.id, version, "handshake done");
+                    return self.send(protocol::handshake_ok(version));
                 }
-                self.phase = Phase::Ready;
-                self.start_idle_timer(ctx);
-                tracing::debug!(session = self.id, version, "handshake done");
-                return self.send(protocol::handshake_ok(version));
-            }
-            Handshake::NotHandshake => (
-                ErrorCode::InvalidRequest,
-                "handshake required",
-                "no-handshake",
-            ),
-            Handshake::NoVersion => (
-                ErrorCode::UnknownVersion,
-                "unsupported protocol version",
-                "unknown-version",
-            ),
-        };
-        let last = protocol::error_reply(None, Some("handshake"), code, message, None);
+                Handshake::Unauthorized => {
+                    // The peer only: neither the presented text nor the token is logged.
+                    tracing::warn!(
+                        session = self.id,
+                        uid = self.peer.uid,
+                        pid = self.peer.pid,
+                        "handshake without this server's capability token refused"
+                    );
+                    (
+                        ErrorCode::Unauthorized,
+                        "UNAUTHORIZED: this credential proxy requires its capability token, \
+                     and the handshake did not present it",
+                        "bad-capability-token",
+                    )
+                }
+                Handshake::NotHandshake => (
+                    ErrorCode::InvalidRequest,
+                    "handshake required",
+                    "no-handshake",
+                ),
+                Handshake::NoVersion => (
+                    ErrorCode::UnknownVersion,
+                    "unsupported protocol version",
+                    "unknown-version",
+                ),
+            };
+        let last = protocol::error_reply(
+            HIGHEST_VERSION,
+            None,
+            Some("handshake"),
+            code,
+            message,
+            None,
+        );
         self.close(ctx, reason, Some(last));
     }
 
@@ -379,8 +458,15 @@ impl Session {
         }));
     }
 
-    /// Runs the checks of PROTOCOL.md §5 in order, then spawns the operation.
-    fn on_request(&mut self, frame: Frame<'_>, ctx: &mut Context<Self>) {
+    /// Runs the checks of PROTOCOL.md §5 in order, then spawns the operation. `permit`
+    /// is a large frame's share of the inbound budget: it stays with the request until
+    /// the request is answered or cancelled.
+    fn on_request(
+        &mut self,
+        frame: Frame<'_>,
+        permit: Option<InboundPermit>,
+        ctx: &mut Context<Self>,
+    ) {
         let envelope = match protocol::parse_envelope(frame) {
             Ok(envelope) => envelope,
             Err((id, rejection)) => return self.refuse(&id, &rejection, None),
@@ -390,6 +476,15 @@ impl Session {
             let r = Rejection::new(ErrorCode::RateLimited, "rate limit exceeded; retry later");
             return self.refuse(&id, &r, Some(retry_after));
         }
+        // `cancel` counts toward the rate limit but not toward the in-flight bound, and
+        // is exempt from the duplicate-id check (§13).
+        if envelope.op == Op::Cancel.as_str() {
+            return match Request::parse(Op::Cancel, envelope.payload) {
+                Ok(Request::Cancel { target_id }) => self.cancel(&id, &target_id, ctx),
+                Ok(_) => {}
+                Err(rejection) => self.refuse(&id, &rejection, None),
+            };
+        }
         if self.in_flight.len() >= self.shared.limits.max_in_flight {
             let r = Rejection::new(
                 ErrorCode::ResourceExhausted,
@@ -398,8 +493,13 @@ impl Session {
             return self.refuse(&id, &r, None);
         }
         // One hash for the duplicate check and the insert; undone if the request fails.
-        if !self.in_flight.insert(id.clone()) {
-            return self.refuse(&id, &Rejection::invalid("duplicate request id"), None);
+        match self.in_flight.entry(id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return self.refuse(&id, &Rejection::invalid("duplicate request id"), None);
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(None);
+            }
         }
         let request = match protocol::parse_op(&envelope.op)
             .and_then(|op| Request::parse(op, envelope.payload))
@@ -420,10 +520,13 @@ impl Session {
         // again (see `allowed`); a new one is remembered if the policy allows it.
         let known = self.allowed.iter().any(|s| is_subject_of(s, &request));
         let remember = if known { None } else { subject_of(&request) };
-        let work = execute(Arc::clone(&self.shared), request, known);
-        ctx.spawn(
+        let gate = matches!(op, Op::SaveToken | Op::RemoveToken).then(WriteGate::default);
+        let work = execute(Arc::clone(&self.shared), request, known, gate.clone());
+        let key = id.clone();
+        let handle = ctx.spawn(
             work.into_actor(self)
                 .map(move |(result, allowed), act, ctx| {
+                    drop(permit);
                     // Remembered only when the policy itself answered Allow for this subject.
                     if let Some(subject) = remember.filter(|_| allowed) {
                         if act.allowed.len() < MAX_REMEMBERED && !act.allowed.contains(&subject) {
@@ -433,6 +536,44 @@ impl Session {
                     act.finish(&id, op, target, result, ctx);
                 }),
         );
+        // A request that finished at once (nothing to wait for) is gone already.
+        if let Some(slot) = self.in_flight.get_mut(&key) {
+            *slot = Some(Running { handle, gate });
+        }
+    }
+
+    /// `cancel` (PROTOCOL.md §13): a request of this connection still in flight is
+    /// stopped and answered `CANCELLED`, and nothing else is ever sent for its id; a
+    /// write that has begun is not stopped (it is applied whole, and answers for itself),
+    /// so the cancel answers `false`, as for a request already answered or never seen.
+    fn cancel(&mut self, id: &str, target_id: &str, ctx: &mut Context<Self>) {
+        let cancelled = match self.in_flight.get(target_id) {
+            Some(Some(running)) => running.gate.as_ref().map_or(true, WriteGate::cancel),
+            _ => false,
+        };
+        if cancelled {
+            if let Some(Some(running)) = self.in_flight.remove(target_id) {
+                // Dropping the request's future ends its waits: a store read, a refresh or
+                // a command source it waited on goes on for everyone else.
+                ctx.cancel_future(running.handle);
+            }
+            self.answered += 1;
+            tracing::debug!(
+                session = self.id,
+                uid = self.peer.uid,
+                pid = self.peer.pid,
+                outcome = ErrorCode::Cancelled.as_str(),
+                "request cancelled"
+            );
+            let r = Rejection::new(
+                ErrorCode::Cancelled,
+                "the request was cancelled by the client",
+            );
+            self.reject(target_id, &r, None);
+        }
+        let data = ReplyData::Json(serde_json::json!({ "cancelled": cancelled }));
+        let body = protocol::ok_reply(self.v(), id, &data);
+        self.send(body);
     }
 
     fn finish(
@@ -443,7 +584,10 @@ impl Session {
         result: Result<ReplyData, Rejection>,
         ctx: &mut Context<Self>,
     ) {
-        self.in_flight.remove(id);
+        if self.in_flight.remove(id).is_none() {
+            // Cancelled meanwhile: its one reply was `CANCELLED`.
+            return;
+        }
         self.answered += 1;
         if let Some([provider, bucket, key]) = target {
             let outcome = result.as_ref().map_or_else(|r| r.code.as_str(), |_| "ok");
@@ -464,7 +608,7 @@ impl Session {
         }
         match result {
             Ok(data) => {
-                let body = protocol::ok_reply(id, &data);
+                let body = protocol::ok_reply(self.v(), id, &data);
                 self.send_reply(id, body);
             }
             Err(rejection) => self.reject(id, &rejection, None),
@@ -516,10 +660,10 @@ impl Actor for Session {
     }
 }
 
-impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
-    fn handle(&mut self, item: Result<FrameEvent, CodecError>, ctx: &mut Context<Self>) {
+impl StreamHandler<Result<Inbound, CodecError>> for Session {
+    fn handle(&mut self, item: Result<Inbound, CodecError>, ctx: &mut Context<Self>) {
         match item {
-            Ok(FrameEvent::Started) => {
+            Ok(Inbound::Started) => {
                 self.quiet_ticks = 0;
                 let timeout = self.shared.limits.partial_frame_timeout;
                 self.partial_timer = Some(ctx.run_later(timeout, |act, ctx| {
@@ -528,7 +672,7 @@ impl StreamHandler<Result<FrameEvent, CodecError>> for Session {
                     act.close(ctx, "partial-frame-timeout", None);
                 }));
             }
-            Ok(FrameEvent::Frame(body)) => {
+            Ok(Inbound::Frame(body)) => {
                 self.quiet_ticks = 0;
                 if let Some(timer) = self.partial_timer.take() {
                     ctx.cancel_future(timer);
@@ -594,6 +738,30 @@ impl Handler<Drain> for Session {
     }
 }
 
+/// A frame's bytes while it is parsed: a large frame's own buffer is wiped afterwards.
+enum BodyBytes {
+    Shared(bytes::Bytes),
+    Owned(Vec<u8>),
+}
+
+impl BodyBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            BodyBytes::Shared(b) => b,
+            BodyBytes::Owned(v) => v,
+        }
+    }
+}
+
+impl Drop for BodyBytes {
+    fn drop(&mut self) {
+        if let BodyBytes::Owned(v) = self {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
+
 pub mod ops;
+pub mod reader;
 
 use ops::{execute, is_subject_of, subject_of};

@@ -91,7 +91,7 @@ pub(super) fn subject_of(request: &Request) -> Option<Subject> {
         },
         Request::ListBuckets { provider } => Subject::Provider(provider.clone()),
         Request::GetApiKey { name } | Request::HasApiKey { name } => Subject::Key(name.clone()),
-        Request::ListProviders | Request::ListApiKeys => return None,
+        Request::ListProviders | Request::ListApiKeys | Request::Cancel { .. } => return None,
     })
 }
 
@@ -136,13 +136,15 @@ pub(super) fn is_subject_of(subject: &Subject, request: &Request) -> bool {
 /// Runs one checked request: scope (unless the session knows the policy allows its
 /// subject), then the store. The flag is true when the policy answered `Allow` for the
 /// request's subject during this call.
+/// `gate` decides between a write and its cancellation (save and remove only).
 pub(super) async fn execute(
     shared: Arc<Shared>,
     request: Request,
     known: bool,
+    gate: Option<store::WriteGate>,
 ) -> (Result<ReplyData, Rejection>, bool) {
     let allowed = std::cell::Cell::new(false);
-    let result = run(&shared, request, known, &allowed).await;
+    let result = run(&shared, request, known, &allowed, gate).await;
     (result, allowed.get())
 }
 
@@ -151,6 +153,7 @@ async fn run(
     request: Request,
     known: bool,
     allowed: &std::cell::Cell<bool>,
+    gate: Option<store::WriteGate>,
 ) -> Result<ReplyData, Rejection> {
     let store = &sh.store;
     let check = |subject: Subject| async move {
@@ -207,6 +210,7 @@ async fn run(
                 provider,
                 bucket,
                 token,
+                gate,
             };
             let key = BucketKey {
                 provider: save.provider.clone(),
@@ -220,6 +224,11 @@ async fn run(
                 Ok(Ok(store::Saved::Invalid(e))) => {
                     Err(Rejection::new(ErrorCode::InvalidRequest, e.to_string()))
                 }
+                // Nobody waits for a cancelled request; its reply was `CANCELLED`.
+                Ok(Ok(store::Saved::Cancelled)) => Err(Rejection::new(
+                    ErrorCode::Cancelled,
+                    "the request was cancelled by the client",
+                )),
                 Ok(Ok(store::Saved::TooLarge)) => Err(Rejection::new(
                     ErrorCode::InvalidRequest,
                     format!(
@@ -239,7 +248,14 @@ async fn run(
                 provider: provider.clone(),
                 bucket: bucket.clone(),
             };
-            match store.send(store::RemoveToken { provider, bucket }).await {
+            match store
+                .send(store::RemoveToken {
+                    provider,
+                    bucket,
+                    gate,
+                })
+                .await
+            {
                 Ok(Ok(())) => {
                     sh.refresher.do_send(Changed { key });
                     Ok(ReplyData::Json(json!({})))
@@ -315,6 +331,8 @@ async fn run(
             let keys = filtered(sh, ListKind::Keys, all).await?;
             Ok(ReplyData::Json(json!({ "keys": keys })))
         }
+        // The session answers `cancel` itself; it never reaches here.
+        Request::Cancel { .. } => Err(Rejection::invalid("cancel is answered by the session")),
         Request::HasApiKey { name } => {
             let (name, _) = check(Subject::Key(name)).await?.into_names();
             if sh.source_index.has_key(&name) {

@@ -139,13 +139,18 @@ pub fn allow_all() -> Profile {
 /// A raw-frame client over a blocking Unix stream.
 pub struct Raw {
     pub stream: UnixStream,
+    /// The largest reply frame accepted: 65 536 until a version-2 handshake.
+    pub limit: usize,
 }
 
 impl Raw {
     pub fn connect(path: &Path) -> Raw {
         let stream = UnixStream::connect(path).expect("connect");
         stream.set_read_timeout(Some(REPLY_WAIT)).expect("timeout");
-        Raw { stream }
+        Raw {
+            stream,
+            limit: 65_536,
+        }
     }
 
     /// Writes raw bytes.
@@ -182,7 +187,7 @@ impl Raw {
             Err(e) => panic!("reading a reply header: {e}"),
         }
         let len = u32::from_be_bytes(header) as usize;
-        assert!(len <= 65_536, "server wrote a frame of {len} bytes");
+        assert!(len <= self.limit, "server wrote a frame of {len} bytes");
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).expect("reply body");
         Some(serde_json::from_slice(&body).expect("reply is JSON"))
@@ -209,6 +214,16 @@ impl Raw {
             self.recv(),
             json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}})
         );
+    }
+
+    /// Handshakes offering versions 1..2 (PROTOCOL.md §13) and expects version 2.
+    pub fn handshake_v2(&mut self) {
+        self.send(&json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":2}}));
+        assert_eq!(
+            self.recv(),
+            json!({"v":2,"op":"handshake","ok":true,"data":{"version":2}})
+        );
+        self.limit = 4 << 20;
     }
 
     /// Sends a request and returns its reply (expects the next frame to answer it).
@@ -246,11 +261,16 @@ pub fn data(reply: &Value) -> &Value {
 /// Asserts an error reply of exactly `{"v":1,"id":id,"ok":false,"code":code,"error":"..."}`
 /// with a non-empty message, and returns the message.
 pub fn assert_err<'a>(reply: &'a Value, id: &str, code: &str) -> &'a str {
+    assert_err_v(reply, id, code, 1)
+}
+
+/// [`assert_err`] on a connection of protocol `version`.
+pub fn assert_err_v<'a>(reply: &'a Value, id: &str, code: &str, version: i64) -> &'a str {
     let obj = reply.as_object().expect("reply is an object");
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["code", "error", "id", "ok", "v"], "{reply}");
-    assert_eq!(reply["v"], json!(1), "{reply}");
+    assert_eq!(reply["v"], json!(version), "{reply}");
     assert_eq!(reply["id"], json!(id), "{reply}");
     assert_eq!(reply["ok"], json!(false), "{reply}");
     assert_eq!(reply["code"], json!(code), "{reply}");
@@ -260,13 +280,13 @@ pub fn assert_err<'a>(reply: &'a Value, id: &str, code: &str) -> &'a str {
 }
 
 /// Asserts the single error frame sent before a close on a malformed body (§3): exactly
-/// `v`, `ok`, `code`, `error`, with no `id`.
-pub fn assert_malformed_frame_reply(reply: &Value) {
+/// `v`, `ok`, `code`, `error`, with no `id`; `v` is `version` (2 before the handshake).
+pub fn assert_malformed_frame_reply(reply: &Value, version: i64) {
     let obj = reply.as_object().expect("reply is an object");
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["code", "error", "ok", "v"], "reply keys: {reply}");
-    assert_eq!(reply["v"], json!(1));
+    assert_eq!(reply["v"], json!(version));
     assert_eq!(reply["ok"], json!(false));
     assert_eq!(reply["code"], json!("INVALID_REQUEST"));
     let error = reply["error"].as_str().expect("error is a string");
@@ -275,7 +295,12 @@ pub fn assert_malformed_frame_reply(reply: &Value) {
 
 /// The exact success reply to `id` with `data`.
 pub fn ok(id: &str, data: Value) -> Value {
-    json!({"v": 1, "id": id, "ok": true, "data": data})
+    ok_v(id, data, 1)
+}
+
+/// The exact success reply to `id` with `data` on a connection of protocol `version`.
+pub fn ok_v(id: &str, data: Value, version: i64) -> Value {
+    json!({"v": version, "id": id, "ok": true, "data": data})
 }
 
 /// The sanitized form of the seeded tokens (`token` without its refresh token).
