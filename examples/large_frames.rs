@@ -1,6 +1,6 @@
 //! What version 2's 4 MiB frames (PROTOCOL.md §13) cost the server: the memory of one
-//! session holding a frame that is mid-way, the resident set of 500 connections each
-//! mid-way through a 4 MiB frame (the large-frame budget at work), and the time to take in
+//! session holding a frame one byte short of complete, the resident set of 500 connections
+//! each one byte short of a 4 MiB frame (the large-frame budget at work), and the time to take in
 //! and answer a 4 MiB request. The server is the real `credproxy serve` (release build),
 //! its memory read from `/proc/<pid>/status`.
 //!
@@ -111,6 +111,7 @@ fn main() {
         .args(["store", "token", "set", "anthropic", "--store"])
         .arg(&store)
         .stdin(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("store set");
     set.stdin
@@ -145,28 +146,6 @@ fn main() {
     let base = rss_kib(pid);
     println!("server RSS at start: {base} KiB");
 
-    // Time to take in and answer one 4 MiB request (and a 64 KiB one for scale).
-    let mut c = connect_v2(&path);
-    for (label, len) in [("64 KiB", 65_536), ("1 MiB", MIB), ("4 MiB", FRAME)] {
-        let bytes = frame(&padded("t", len));
-        let mut times = Vec::new();
-        for _ in 0..11 {
-            let t0 = Instant::now();
-            c.write_all(&bytes).expect("write");
-            let reply = recv(&mut c);
-            times.push(t0.elapsed());
-            assert_eq!(reply["ok"], true, "{reply}");
-        }
-        times.sort();
-        println!(
-            "{label} get_token request, write to reply: median {:.2} ms, max {:.2} ms",
-            times[5].as_secs_f64() * 1e3,
-            times[10].as_secs_f64() * 1e3
-        );
-    }
-    drop(c);
-    std::thread::sleep(Duration::from_millis(500));
-
     // One session holding a 4 MiB frame that is one byte short.
     let before = rss_kib(pid);
     let mut one = connect_v2(&path);
@@ -188,12 +167,14 @@ fn main() {
     drop(one);
     std::thread::sleep(Duration::from_millis(500));
 
-    // `conns` connections, each mid-way (2 MiB) through a 4 MiB frame.
+    // `conns` connections, each one byte short of a 4 MiB frame.
     let mut all: Vec<UnixStream> = (0..conns).map(|_| connect_v2(&path)).collect();
     std::thread::sleep(Duration::from_millis(200));
     let idle = rss_kib(pid);
     let t0 = Instant::now();
-    let half = frame(&padded("m", FRAME))[..2 * MIB + 4].to_vec();
+    // All but the last byte: every connection that gets budget fills its whole buffer.
+    let whole = frame(&padded("m", FRAME));
+    let half = whole[..whole.len() - 1].to_vec();
     let mut taken = 0usize;
     for s in &mut all {
         taken += write_some(s, &half);
@@ -202,13 +183,36 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let mid = rss_kib(pid);
     println!(
-        "{conns} idle v2 connections: RSS {idle} KiB; each mid-way through a 4 MiB frame \
-         ({} MiB taken by the server's sockets in {:.1} s): RSS {mid} KiB (+{} KiB)",
+        "{conns} idle v2 connections: RSS {idle} KiB; each sending a 4 MiB frame but its \
+         last byte ({} MiB taken by the server's sockets in {:.1} s): RSS {mid} KiB (+{} KiB)",
         taken / MIB,
         wrote.as_secs_f64(),
         mid.saturating_sub(idle)
     );
     drop(all);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Time to take in and answer one 4 MiB request (and a 64 KiB one for scale).
+    let mut c = connect_v2(&path);
+    for (label, len) in [("64 KiB", 65_536), ("1 MiB", MIB), ("4 MiB", FRAME)] {
+        let bytes = frame(&padded("t", len));
+        let mut times = Vec::new();
+        for _ in 0..11 {
+            let t0 = Instant::now();
+            c.write_all(&bytes).expect("write");
+            let reply = recv(&mut c);
+            times.push(t0.elapsed());
+            assert_eq!(reply["ok"], true, "{reply}");
+        }
+        times.sort();
+        println!(
+            "{label} get_token request, write to reply: median {:.2} ms, max {:.2} ms",
+            times[5].as_secs_f64() * 1e3,
+            times[10].as_secs_f64() * 1e3
+        );
+    }
+    drop(c);
+
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
