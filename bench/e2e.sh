@@ -5,6 +5,9 @@
 # `file` is `credproxy serve` as shipped (host-side refresh on; the stored token has a
 # refresh token and is not due, so every get_token passes the refresh check);
 # `norefresh` is the same with --no-refresh, the version-1 path.
+# `filev2` is `file` driven by the same loadgen with its handshake offering versions 1..2
+# (a copy of ../shared/loadgen patched at its two handshake constants, nothing else), so
+# every request runs on a version-2 session: v2 against v1 on the same server build.
 #
 #   bench/e2e.sh                 # DUR=5 seconds per run, REPS=3 repetitions (median kept)
 #   DUR=10 REPS=5 bench/e2e.sh
@@ -20,6 +23,15 @@ echo "building (release)..." >&2
 cargo build --release --bin credproxy --example bench_server >&2
 CARGO_TARGET_DIR="$OUT/loadgen-target" cargo build --release --manifest-path "$LOADGEN_SRC/Cargo.toml" >&2
 LG="$OUT/loadgen-target/release"
+# The version-2 loadgen: the same source, offering 1..2 and expecting version 2.
+cp -r "$LOADGEN_SRC" "$OUT/loadgen-v2-src"
+rm -rf "$OUT/loadgen-v2-src/target"
+sed -i 's/"minVersion":1,"maxVersion":1/"minVersion":1,"maxVersion":2/; s/d.version == 1/d.version == 2/' \
+  "$OUT/loadgen-v2-src/src/lib.rs" "$OUT/loadgen-v2-src/src/bin/loadgen.rs"
+grep -q '"maxVersion":2' "$OUT/loadgen-v2-src/src/lib.rs"
+grep -q 'd.version == 2' "$OUT/loadgen-v2-src/src/bin/loadgen.rs"
+CARGO_TARGET_DIR="$OUT/loadgen-v2-target" cargo build --release --bin loadgen --manifest-path "$OUT/loadgen-v2-src/Cargo.toml" >&2
+LGV2="$OUT/loadgen-v2-target/release/loadgen"
 BIN=target/release/credproxy
 BS=target/release/examples/bench_server
 
@@ -28,6 +40,7 @@ printf '{"access_token":"bench-access-token","refresh_token":"bench-refresh-toke
   | "$BIN" store token set anthropic --store "$OUT/store" 2>/dev/null
 
 start_norefresh() { start_file --no-refresh; }
+start_filev2() { start_file; }
 start_file() {
   "$BIN" serve "$@" --store "$OUT/store" --allow-all --rate-limit 0 --socket-dir "$OUT/sock" >"$OUT/serve.out" 2>"$OUT/serve.err" &
   SPID=$!
@@ -58,7 +71,9 @@ stop_server() {
 run() { # server mode connections
   local server=$1 mode=$2 conns=$3
   "start_$server"
-  "$LG/loadgen" --socket "$SOCK" --connections "$conns" --duration "$DUR" --mode "$mode" \
+  local gen="$LG/loadgen"
+  if [ "$server" = filev2 ]; then gen="$LGV2"; fi
+  "$gen" --socket "$SOCK" --connections "$conns" --duration "$DUR" --mode "$mode" \
     --op get_token --payload '{"provider":"anthropic"}' --server-pid "$SPID" --json 2>/dev/null | tail -1
   stop_server "$server"
 }
@@ -66,7 +81,7 @@ run() { # server mode connections
 for rep in $(seq "$REPS"); do
   for scenario in "steady 1" "steady 64" "connect 8"; do
     set -- $scenario
-    for server in limit mem file norefresh; do
+    for server in limit mem file filev2 norefresh; do
       run "$server" "$1" "$2" > "$OUT/r-$server-$1-$2-$rep.json"
     done
   done
@@ -85,15 +100,15 @@ for f in glob.glob(os.path.join(out, "r-*.json")):
     rows.setdefault((mode, int(conns), server), []).append(d)
 def med(ds, f):
     return statistics.median(f(d) for d in ds)
-print(f"{'scenario':<12} {'server':<7} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'srv us/req':>10} {'errors':>6}")
-for (mode, conns, server) in sorted(rows, key=lambda k: (k[0], k[1], ["limit", "mem", "file", "norefresh"].index(k[2]))):
+print(f"{'scenario':<12} {'server':<9} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'srv us/req':>10} {'errors':>6}")
+for (mode, conns, server) in sorted(rows, key=lambda k: (k[0], k[1], ["limit", "mem", "file", "filev2", "norefresh"].index(k[2]))):
     ds = rows[(mode, conns, server)]
-    print(f"{mode+' c='+str(conns):<12} {server:<7} {med(ds, lambda d: d['ok_rps']):>9.0f} "
+    print(f"{mode+' c='+str(conns):<12} {server:<9} {med(ds, lambda d: d['ok_rps']):>9.0f} "
           f"{med(ds, lambda d: d['latency_us']['p50']):>8.1f} {med(ds, lambda d: d['latency_us']['p99']):>8.1f} "
           f"{med(ds, lambda d: d.get('server_cpu_us_per_reply') or 0):>10.2f} {max(d['errors'] for d in ds):>6}")
 for (mode, conns) in sorted({(m, c) for (m, c, _) in rows}):
     lim = rows.get((mode, conns, "limit"))
-    for server in ("mem", "file", "norefresh"):
+    for server in ("mem", "file", "filev2", "norefresh"):
         ours = rows.get((mode, conns, server))
         if lim and ours:
             r = med(ours, lambda d: d['ok_rps']) / med(lim, lambda d: d['ok_rps'])

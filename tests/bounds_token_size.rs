@@ -138,3 +138,53 @@ fn the_host_cannot_store_a_token_too_large_to_serve() {
         "a refused token was written"
     );
 }
+
+/// `credproxy store token set` and `store key set` take values up to the version-2 limit
+/// (PROTOCOL.md §13): a 3 MiB token and a 2 MiB key are stored by the host, served whole to
+/// a version-2 client by `credproxy serve`, and answered `RESPONSE_TOO_LARGE` to a
+/// version-1 client, whose connection stays; the refresh token never crosses.
+#[test]
+fn the_host_stores_large_values_that_version_2_clients_get_whole() {
+    use common::process::{run, Env, Fixture, Stdin, BIN};
+    let f = Fixture::new();
+    let blob = "y".repeat(3 << 20);
+    let big = serde_json::json!({
+        "access_token": "at-large", "refresh_token": "rt-large-canary",
+        "expiry": 1_900_000_000u64, "token_type": "Bearer", "id_token": blob,
+    })
+    .to_string();
+    let set = |args: &[&str], stdin: &[u8]| {
+        let mut all = vec!["store"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--store", f.store_str()]);
+        run(BIN, &all, Stdin::PipeAll(stdin), Env::ISOLATED)
+    };
+    let r = set(&["token", "set", "anthropic"], big.as_bytes());
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let key = "k".repeat(2 << 20);
+    let r = set(&["key", "set", "openai"], key.as_bytes());
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    // A key that no reply could carry is refused and not stored.
+    let r = set(&["key", "set", "huge"], "h".repeat(4 << 20).as_bytes());
+    assert_eq!(r.code(), Some(2), "{r:?}");
+    assert!(r.stderr.contains("more than a reply can carry"), "{r:?}");
+    assert!(!r.stderr.contains("hhhh"), "{r:?}");
+
+    let server = f.start_serve(&["--allow-all", "--no-refresh"], Env::ISOLATED);
+    let mut v2 = Raw::connect(&server.socket);
+    v2.handshake_v2();
+    let reply = v2.call("t", "get_token", json!({"provider":"anthropic"}));
+    let served = data(&reply);
+    assert_eq!(served["access_token"], json!("at-large"));
+    assert_eq!(served["id_token"].as_str().map(str::len), Some(3 << 20));
+    assert!(served.get("refresh_token").is_none());
+    let reply = v2.call("k", "get_api_key", json!({"name":"openai"}));
+    assert_eq!(data(&reply)["key"].as_str().map(str::len), Some(2 << 20));
+
+    let mut v1 = Raw::connect(&server.socket);
+    v1.handshake();
+    let reply = v1.call("t", "get_token", json!({"provider":"anthropic"}));
+    assert_err(&reply, "t", "RESPONSE_TOO_LARGE");
+    let reply = v1.call("l", "list_api_keys", json!({}));
+    assert_eq!(data(&reply), &json!({"keys":["openai"]}));
+}
