@@ -91,7 +91,7 @@ pub struct ServeArgs {
     pub no_refresh: bool,
     /// Bind the socket to this launch's sandbox: make a fresh capability token and refuse
     /// every handshake without it. `serve` prints it on a second line,
-    /// LLXPRT_CAPABILITY_TOKEN=<hex>; `exec` hands it to CMD on a descriptor
+    /// LLXPRT_CAPABILITY_TOKEN=HEX; `exec` hands it to CMD on a descriptor
     /// (LLXPRT_CAPABILITY_FD)
     #[arg(long)]
     pub capability_token: bool,
