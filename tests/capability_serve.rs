@@ -47,6 +47,8 @@ const TOKEN_PREFIX: &str = "LLXPRT_CAPABILITY_TOKEN=";
 struct Serve {
     child: ChildGuard,
     lines: Receiver<String>,
+    /// Reads stdout to its end, sending each line.
+    reader: JoinHandle<()>,
     stderr: JoinHandle<String>,
     socket: PathBuf,
 }
@@ -68,7 +70,7 @@ impl Serve {
         let stdout = child.stdout.take().expect("stdout");
         let stderr = drain(child.stderr.take().expect("stderr"));
         let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if tx.send(line).is_err() {
@@ -82,6 +84,7 @@ impl Serve {
         Serve {
             child,
             lines,
+            reader,
             stderr,
             socket,
         }
@@ -109,6 +112,7 @@ impl Serve {
         self.child.signal(Signal::SIGTERM);
         let status = self.child.wait_exit("serve");
         assert!(status.success(), "{status:?}");
+        self.reader.join().expect("stdout reader");
         let rest = self.lines.try_iter().collect();
         (rest, self.stderr.join().expect("stderr"))
     }
