@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod url;
 pub mod watch;
 
 use std::path::PathBuf;
