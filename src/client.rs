@@ -25,6 +25,16 @@
 //! Every request, including any connect and handshake it needs, is bounded by
 //! [`ClientConfig::request_timeout`] (30 seconds by default).
 //!
+//! # Versions and the capability token
+//!
+//! The handshake offers protocol versions 1 to 2 and the client speaks whichever the proxy
+//! picks: replies may be up to 4 MiB on a version-2 connection, 65 536 bytes on a
+//! version-1 one (an older proxy), and requests the same ([`crate::codec::frame_limit`]).
+//! A client made with a capability token ([`Client::from_env`] reads it from the
+//! descriptor named by `LLXPRT_CAPABILITY_FD`, see [`crate::handover`]) presents it in
+//! the handshake of every connection it opens; a proxy that refuses it answers
+//! [`ClientError::CapabilityRefused`].
+//!
 //! Secret material (tokens, API keys, the frames that carry them) is wiped from memory
 //! when dropped, and no error or `Debug` output ever contains it.
 
@@ -45,6 +55,9 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
+use crate::capability::CapabilityToken;
+use crate::codec::frame_limit;
+use crate::handover::FdError;
 use crate::protocol::{ErrorCode, Op};
 use crate::secret::{wipe_json, Secret, SecretBytes};
 use crate::token::{Token, REFRESH_TOKEN};
@@ -52,7 +65,9 @@ use crate::token::{Token, REFRESH_TOKEN};
 /// The environment variable that holds the proxy's socket path.
 pub const SOCKET_ENV: &str = "LLXPRT_CREDENTIAL_SOCKET";
 
-/// The largest frame body, in bytes, in either direction (PROTOCOL.md §3).
+/// The largest frame body, in bytes, in either direction before the handshake and on a
+/// version-1 connection (PROTOCOL.md §3); a version-2 connection allows
+/// [`crate::codec::MAX_FRAME_LEN_V2`].
 pub const MAX_FRAME: usize = crate::codec::MAX_FRAME_LEN;
 
 /// A request timeout long enough for a request that may wait on a refresh (`get_token` of
@@ -61,8 +76,12 @@ pub const MAX_FRAME: usize = crate::codec::MAX_FRAME_LEN;
 /// (PROTOCOL.md §14).
 pub const REFRESH_REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The protocol version this client speaks.
-const VERSION: u64 = 1;
+/// The lowest protocol version this client speaks (and the `v` of its handshake frame:
+/// before the handshake a connection follows version 1's rules).
+const MIN_VERSION: u64 = 1;
+
+/// The highest protocol version this client speaks.
+const MAX_VERSION: u64 = 2;
 
 /// Requests the proxy accepts in flight on one connection (PROTOCOL.md §5).
 const MAX_IN_FLIGHT: usize = 16;
@@ -123,12 +142,27 @@ pub enum ClientError {
     /// The environment variable [`SOCKET_ENV`] is unset or empty.
     #[error("LLXPRT_CREDENTIAL_SOCKET is not set: no credential proxy is available")]
     NoSocket,
-    /// The request would exceed the 65536-byte frame limit; it was not sent.
-    #[error("request too large: frames are limited to 65536 bytes")]
+    /// The request would exceed the connection's frame limit (65 536 bytes at version 1,
+    /// 4 MiB at version 2); it was not sent.
+    #[error("request too large for the credential proxy's frame limit")]
     TooLarge,
     /// The request was cancelled because [`Client::close`] closed its connection.
     #[error("the credential proxy connection was closed by the client")]
     Closed,
+    /// The proxy refused the handshake with `UNAUTHORIZED`: it was started with a
+    /// capability token (PROTOCOL.md §13) and this client presented another one, or none.
+    #[error("{}", if *.presented {
+        "the credential proxy refused this sandbox's capability token"
+    } else {
+        "the credential proxy requires a capability token and this sandbox has none (LLXPRT_CAPABILITY_FD is not set)"
+    })]
+    CapabilityRefused {
+        /// True when a token was presented.
+        presented: bool,
+    },
+    /// `LLXPRT_CAPABILITY_FD` is set but no capability token could be read from it.
+    #[error("no capability token: {0}")]
+    Capability(#[from] FdError),
 }
 
 impl ClientError {
@@ -136,6 +170,7 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => ErrorCode::parse(code),
+            ClientError::CapabilityRefused { .. } => Some(ErrorCode::Unauthorized),
             _ => None,
         }
     }
@@ -166,6 +201,8 @@ pub struct Client {
 struct Shared {
     path: PathBuf,
     config: ClientConfig,
+    /// Presented in every handshake; kept for reconnects. Wiped when the last clone goes.
+    capability: Option<Arc<CapabilityToken>>,
     /// Held across connect + handshake so that concurrent first requests share one connect.
     slot: AsyncMutex<Slot>,
     /// Queues requests beyond the proxy's in-flight limit instead of having them refused.
@@ -182,6 +219,8 @@ enum Slot {
 struct Conn {
     state: Arc<StdMutex<ConnState>>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
+    /// The version the handshake agreed on.
+    version: u64,
 }
 
 type Reply = Result<Value>;
@@ -232,23 +271,42 @@ impl Client {
 
     /// A client for the proxy at `socket_path` with the given timeouts.
     pub fn with_config(socket_path: impl Into<PathBuf>, config: ClientConfig) -> Client {
+        Client::with_capability(socket_path, config, None)
+    }
+
+    /// A client for the proxy at `socket_path` with the given timeouts that presents
+    /// `capability` (when given) in the handshake of every connection it opens.
+    pub fn with_capability(
+        socket_path: impl Into<PathBuf>,
+        config: ClientConfig,
+        capability: Option<Arc<CapabilityToken>>,
+    ) -> Client {
         Client {
             shared: Arc::new(Shared {
                 path: socket_path.into(),
                 config,
+                capability,
                 slot: AsyncMutex::new(Slot::Empty),
                 in_flight: Semaphore::new(MAX_IN_FLIGHT),
             }),
         }
     }
 
-    /// A client for the socket named by `LLXPRT_CREDENTIAL_SOCKET`; [`ClientError::NoSocket`]
-    /// when it is unset or empty.
+    /// A client for the socket named by `LLXPRT_CREDENTIAL_SOCKET`, presenting the
+    /// capability token of the descriptor named by `LLXPRT_CAPABILITY_FD` when that is set
+    /// (read once per process, [`crate::handover::from_env`]). [`ClientError::NoSocket`]
+    /// when the socket variable is unset or empty; [`ClientError::Capability`] when the
+    /// descriptor holds no token.
     pub fn from_env() -> Result<Client> {
-        env::var_os(SOCKET_ENV)
+        let path = env::var_os(SOCKET_ENV)
             .filter(|path| !path.is_empty())
-            .map(Client::new)
-            .ok_or(ClientError::NoSocket)
+            .ok_or(ClientError::NoSocket)?;
+        let capability = crate::handover::from_env()?;
+        Ok(Client::with_capability(
+            path,
+            ClientConfig::default(),
+            capability,
+        ))
     }
 
     /// The socket path this client connects to.
@@ -383,15 +441,10 @@ impl Client {
     /// `payload` are sent as given, and the payload is wiped once it has been encoded.
     pub async fn request(&self, op: &str, mut payload: Value) -> Result<Value> {
         let id = uuid::Uuid::new_v4().to_string();
-        let frame = encode(&Envelope {
-            v: VERSION,
-            id: Some(&id),
-            op,
-            payload: &payload,
-        });
-        wipe_json(&mut payload);
         let limit = self.shared.config.request_timeout;
-        let reply = timeout(limit, self.exchange(&id, frame?)).await;
+        let reply = timeout(limit, self.exchange(&id, op, &mut payload)).await;
+        // Wiped already once encoded; this covers a timeout before that.
+        wipe_json(&mut payload);
         reply.unwrap_or(Err(ClientError::Timeout))
     }
 
@@ -426,7 +479,9 @@ impl Client {
         }
     }
 
-    async fn exchange(&self, id: &str, frame: SecretBytes) -> Reply {
+    /// Sends one request on the connection (opened first when needed): encoded at the
+    /// connection's version and frame limit, the payload wiped once encoded.
+    async fn exchange(&self, id: &str, op: &str, payload: &mut Value) -> Reply {
         let _permit = self
             .shared
             .in_flight
@@ -444,6 +499,17 @@ impl Client {
             state: &conn.state,
             id,
         };
+        let frame = encode(
+            &Envelope {
+                v: conn.version,
+                id: Some(id),
+                op,
+                payload,
+            },
+            frame_limit(conn.version as i64),
+        );
+        wipe_json(payload);
+        let frame = frame?;
         // If the writer is gone, the connection left `Open` after we registered, so our
         // entry has been (or is being) answered with the reason.
         let _ = conn.outgoing.send(Outgoing::Frame(frame));
@@ -463,8 +529,13 @@ impl Client {
         if let Slot::Lost = *slot {
             return Err(ClientError::ConnectionLost);
         }
-        let conn =
-            Arc::new(Conn::connect(&self.shared.path, self.shared.config.idle_timeout).await?);
+        let shared = &self.shared;
+        let conn = Conn::connect(
+            &shared.path,
+            shared.config.idle_timeout,
+            shared.capability.as_deref(),
+        );
+        let conn = Arc::new(conn.await?);
         *slot = Slot::Open(Arc::clone(&conn));
         Ok(conn)
     }
@@ -479,20 +550,32 @@ impl Client {
 }
 
 impl Conn {
-    async fn connect(path: &Path, idle: Duration) -> Result<Conn> {
+    async fn connect(
+        path: &Path,
+        idle: Duration,
+        capability: Option<&CapabilityToken>,
+    ) -> Result<Conn> {
         let unreachable = |source| ClientError::Connect {
             path: path.to_owned(),
             source,
         };
         let mut stream = UnixStream::connect(path).await.map_err(unreachable)?;
-        let hello = encode(&Envelope {
-            v: VERSION,
-            id: None,
-            op: "handshake",
-            payload: &json!({ "minVersion": VERSION, "maxVersion": VERSION }),
-        })?;
-        stream.write_all(&hello.0).await.map_err(unreachable)?;
-        let body = match read_frame(&mut stream).await {
+        let mut offer = json!({ "minVersion": MIN_VERSION, "maxVersion": MAX_VERSION });
+        if let Some(token) = capability {
+            offer["capabilityToken"] = Value::String(token.expose().to_owned());
+        }
+        let hello = encode(
+            &Envelope {
+                v: MIN_VERSION,
+                id: None,
+                op: "handshake",
+                payload: &offer,
+            },
+            MAX_FRAME,
+        );
+        wipe_json(&mut offer);
+        stream.write_all(&hello?.0).await.map_err(unreachable)?;
+        let body = match read_frame(&mut stream, MAX_FRAME).await {
             Ok(Some(body)) => body,
             Ok(None) => {
                 let why = "the proxy closed the connection during the handshake";
@@ -503,11 +586,22 @@ impl Conn {
             }
             Err(e) => return Err(unreachable(e)),
         };
+        // The reply's own `v` is not checked: an older proxy answers 1, a newer one 2.
         let (_, outcome) = parse_reply(&body.0).map_err(malformed)?;
-        if outcome?.get("version").and_then(Value::as_u64) != Some(VERSION) {
-            return Err(malformed("handshake chose an unsupported version"));
-        }
-        tracing::debug!(path = %path.display(), "connected to the credential proxy");
+        let agreed = match outcome {
+            Ok(data) => data.get("version").and_then(Value::as_u64),
+            Err(e) if e.code() == Some(ErrorCode::Unauthorized) => {
+                return Err(ClientError::CapabilityRefused {
+                    presented: capability.is_some(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let version = match agreed {
+            Some(v) if (MIN_VERSION..=MAX_VERSION).contains(&v) => v,
+            _ => return Err(malformed("handshake chose an unsupported version")),
+        };
+        tracing::debug!(path = %path.display(), version, "connected to the credential proxy");
 
         let (rd, wr) = stream.into_split();
         let state = Arc::new(StdMutex::new(ConnState {
@@ -515,10 +609,15 @@ impl Conn {
             pending: HashMap::new(),
             last_active: Instant::now(),
         }));
-        let reader = tokio::spawn(read_loop(rd, Arc::clone(&state)));
+        let limit = frame_limit(version as i64);
+        let reader = tokio::spawn(read_loop(rd, Arc::clone(&state), limit));
         let (outgoing, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(wr, rx, Arc::clone(&state), idle, reader));
-        Ok(Conn { state, outgoing })
+        Ok(Conn {
+            state,
+            outgoing,
+            version,
+        })
     }
 
     /// Registers a pending request: `None` if we closed this connection meanwhile.
@@ -572,9 +671,9 @@ fn mark_lost(state: &StdMutex<ConnState>, why: &str) {
     }
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, state: Arc<StdMutex<ConnState>>) {
+async fn read_loop(mut rd: OwnedReadHalf, state: Arc<StdMutex<ConnState>>, limit: usize) {
     let why = loop {
-        let body = match read_frame(&mut rd).await {
+        let body = match read_frame(&mut rd, limit).await {
             Ok(Some(body)) => body,
             Ok(None) => break "the proxy closed the connection".to_owned(),
             Err(e) => break format!("read failed: {e}"),
@@ -675,8 +774,12 @@ async fn write_loop(
     }
 }
 
-/// Reads one frame; `None` on a clean end of stream before a header.
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<SecretBytes>> {
+/// Reads one frame of at most `limit` bytes into a buffer sized once from its header;
+/// `None` on a clean end of stream before a header.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    limit: usize,
+) -> io::Result<Option<SecretBytes>> {
     let mut header = [0u8; 4];
     match rd.read_exact(&mut header).await {
         Ok(_) => {}
@@ -684,8 +787,8 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Secre
         Err(e) => return Err(e),
     }
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        let why = format!("frame of {len} bytes announced, the limit is {MAX_FRAME}");
+    if len > limit {
+        let why = format!("frame of {len} bytes announced, the limit is {limit}");
         return Err(io::Error::new(io::ErrorKind::InvalidData, why));
     }
     let mut body = SecretBytes(vec![0; len]);
@@ -693,31 +796,42 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Secre
     Ok(Some(body))
 }
 
-/// Encodes a frame (header + JSON) into a buffer that never reallocates, so no stray copy
-/// of a secret is left behind; [`ClientError::TooLarge`] past the limit.
-fn encode(envelope: &Envelope<'_>) -> Result<SecretBytes> {
-    struct Bounded(SecretBytes);
-    impl Write for Bounded {
+/// Encodes a frame (header + JSON body of at most `limit` bytes) into a buffer that never
+/// reallocates, so no stray copy of a secret is left behind: the body is measured first
+/// (stopping at the limit), then written into a buffer of exactly its size.
+/// [`ClientError::TooLarge`] past the limit.
+fn encode(envelope: &Envelope<'_>, limit: usize) -> Result<SecretBytes> {
+    /// Counts bytes, failing past the limit.
+    struct Measure {
+        len: usize,
+        limit: usize,
+    }
+    impl Write for Measure {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            if self.0 .0.len() + data.len() > 4 + MAX_FRAME {
+            if self.len + data.len() > self.limit {
                 return Err(io::Error::other("frame too large"));
             }
-            self.0 .0.extend_from_slice(data);
+            self.len += data.len();
             Ok(data.len())
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
     }
-    let mut out = Bounded(SecretBytes(Vec::with_capacity(4 + MAX_FRAME)));
-    out.0 .0.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut out, envelope).map_err(|e| match e.is_io() {
+    let unencodable = |e: serde_json::Error| match e.is_io() {
         true => ClientError::TooLarge,
         false => malformed("request could not be encoded"),
-    })?;
-    let mut frame = out.0;
-    let len = (frame.0.len() - 4) as u32;
-    frame.0[..4].copy_from_slice(&len.to_be_bytes());
+    };
+    let mut measure = Measure { len: 0, limit };
+    serde_json::to_writer(&mut measure, envelope).map_err(unencodable)?;
+    let mut frame = SecretBytes(Vec::with_capacity(4 + measure.len));
+    frame
+        .0
+        .extend_from_slice(&(measure.len as u32).to_be_bytes());
+    serde_json::to_writer(&mut frame.0, envelope).map_err(unencodable)?;
+    if frame.0.len() != 4 + measure.len {
+        return Err(malformed("request encoded differently twice"));
+    }
     Ok(frame)
 }
 
@@ -825,12 +939,23 @@ mod tests {
             Peer(accepted.unwrap().0)
         }
 
-        /// Accepts a connection and completes the handshake, checking the client's frame.
+        /// Accepts a connection and completes the handshake at version 1 (an older proxy),
+        /// checking the client's frame: it offers 1..2 and no capability token.
         async fn accept(&self) -> Peer {
+            self.accept_at(1, None).await
+        }
+
+        /// Accepts a connection and completes the handshake at `version`, checking the
+        /// client's frame: it offers 1..2, with `token` when given.
+        async fn accept_at(&self, version: u64, token: Option<&str>) -> Peer {
             let mut peer = self.accept_raw().await;
-            let hello = json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}});
+            let mut hello =
+                json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":2}});
+            if let Some(token) = token {
+                hello["payload"]["capabilityToken"] = json!(token);
+            }
             assert_eq!(peer.recv().await, Some(hello));
-            peer.send(json!({"v":1,"op":"handshake","ok":true,"data":{"version":1}}))
+            peer.send(json!({"v":version,"op":"handshake","ok":true,"data":{"version":version}}))
                 .await;
             peer
         }
@@ -839,9 +964,12 @@ mod tests {
     impl Peer {
         /// The next frame, or `None` at end of stream.
         async fn recv(&mut self) -> Option<Value> {
-            let frame = timeout(LONG, read_frame(&mut self.0))
-                .await
-                .expect("stalled");
+            let frame = timeout(
+                LONG,
+                read_frame(&mut self.0, crate::codec::MAX_FRAME_LEN_V2),
+            )
+            .await
+            .expect("stalled");
             Some(serde_json::from_slice(&frame.ok()??.0).unwrap())
         }
 
@@ -1109,7 +1237,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn missing_socket_and_oversized_request() {
+    async fn missing_socket() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(dir.path().join("missing.sock"));
         for _ in 0..2 {
@@ -1117,8 +1245,158 @@ mod tests {
             assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
             assert!(err.to_string().contains("missing.sock"), "{err}");
         }
-        let huge = json!({ "name": "x".repeat(MAX_FRAME) });
-        let err = client.request("has_api_key", huge).await.unwrap_err();
-        assert!(matches!(err, ClientError::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn oversized_requests_are_not_sent() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept().await;
+            // The next frame is the small request: the huge one never reached the wire.
+            let req = peer.recv().await.unwrap();
+            assert_eq!(req["op"], "list_api_keys");
+            peer.ok(&req, json!({"keys":[]})).await;
+            peer
+        };
+        let calls = async {
+            let huge = json!({ "name": "x".repeat(MAX_FRAME) });
+            let err = client.request("has_api_key", huge).await.unwrap_err();
+            assert!(matches!(err, ClientError::TooLarge), "{err:?}");
+            client.list_api_keys().await.unwrap()
+        };
+        let (keys, _peer) = tokio::join!(calls, serve);
+        assert!(keys.is_empty());
+    }
+
+    /// A key of `len` bytes: its reply frame is a little larger.
+    fn big_key(len: usize) -> String {
+        "k".repeat(len)
+    }
+
+    #[tokio::test]
+    async fn version_2_carries_frames_up_to_4_mib_and_the_negotiated_v() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let key = big_key(crate::codec::MAX_FRAME_LEN_V2 - 100);
+        let serve = async {
+            let mut peer = server.accept_at(2, None).await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(req["v"], 2, "requests carry the agreed version");
+            assert_eq!(req["payload"]["name"].as_str().unwrap().len(), 100_000);
+            peer.send(json!({"v":2,"id":req["id"],"ok":true,"data":{"key":key}}))
+                .await;
+            peer
+        };
+        let calls = async {
+            // A request over the version-1 limit is fine at version 2.
+            let name = "n".repeat(100_000);
+            client.get_api_key(&name).await
+        };
+        let (got, _peer) = tokio::join!(calls, serve);
+        assert_eq!(got.unwrap().unwrap().expose().len(), key.len());
+    }
+
+    #[tokio::test]
+    async fn version_1_keeps_the_65536_byte_limit() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept_at(1, None).await;
+            let req = peer.recv().await.unwrap();
+            assert_eq!(req["v"], 1);
+            let key = big_key(MAX_FRAME);
+            peer.send(json!({"v":1,"id":req["id"],"ok":true,"data":{"key":key}}))
+                .await;
+            peer
+        };
+        let (got, _peer) = tokio::join!(client.get_api_key("k"), serve);
+        assert!(matches!(got, Err(ClientError::ConnectionLost)), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_agreed_version_is_refused() {
+        let server = Server::new();
+        let client = server.client(LONG, LONG);
+        let serve = async {
+            let mut peer = server.accept_raw().await;
+            peer.recv().await.unwrap();
+            peer.send(json!({"v":3,"op":"handshake","ok":true,"data":{"version":3}}))
+                .await;
+            peer
+        };
+        let (err, _peer) = tokio::join!(client.list_providers(), serve);
+        assert!(matches!(err, Err(ClientError::Protocol(_))), "{err:?}");
+    }
+
+    fn client_with(server: &Server, token: &Arc<CapabilityToken>) -> Client {
+        let config = ClientConfig {
+            request_timeout: LONG,
+            idle_timeout: SHORT,
+        };
+        Client::with_capability(&server.1, config, Some(Arc::clone(token)))
+    }
+
+    #[tokio::test]
+    async fn the_capability_token_is_presented_on_every_connection() {
+        let server = Server::new();
+        let token = Arc::new(CapabilityToken::generate());
+        let client = client_with(&server, &token);
+        for round in 0..2 {
+            let serve = async {
+                let mut peer = server.accept_at(2, Some(token.expose())).await;
+                let req = peer.recv().await.unwrap();
+                peer.ok(&req, json!({"keys":[round.to_string()]})).await;
+                peer
+            };
+            let (keys, mut peer) = tokio::join!(client.list_api_keys(), serve);
+            assert_eq!(keys.unwrap(), [round.to_string()]);
+            // The idle close; the next round reconnects with the same token.
+            assert_eq!(peer.recv().await, None);
+        }
+        assert!(!format!("{client:?}").contains(&token.expose()[..8]));
+    }
+
+    /// The refusal of a proxy started with another token: `UNAUTHORIZED` (with the `v` of
+    /// a version-2 proxy) and a close.
+    async fn refuse(server: &Server) {
+        let mut peer = server.accept_raw().await;
+        peer.recv().await.unwrap();
+        peer.send(json!({"v":2,"op":"handshake","ok":false,"code":"UNAUTHORIZED","error":"x"}))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_capability_token_is_a_clear_error() {
+        let server = Server::new();
+        let token = Arc::new(CapabilityToken::generate());
+        let client = client_with(&server, &token);
+        let (err, ()) = tokio::join!(client.list_providers(), refuse(&server));
+        let err = err.unwrap_err();
+        assert!(
+            matches!(err, ClientError::CapabilityRefused { presented: true }),
+            "{err:?}"
+        );
+        assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
+        assert_eq!(
+            err.to_string(),
+            "the credential proxy refused this sandbox's capability token"
+        );
+        assert!(!format!("{err:?}").contains(&token.expose()[..8]));
+
+        let plain = server.client(LONG, LONG);
+        let (err, ()) = tokio::join!(plain.list_providers(), refuse(&server));
+        let err = err.unwrap_err();
+        assert!(
+            matches!(err, ClientError::CapabilityRefused { presented: false }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("LLXPRT_CAPABILITY_FD"), "{err}");
+        // Not a lost connection: the next request tries again.
+        let (err, ()) = tokio::join!(plain.list_providers(), refuse(&server));
+        assert!(matches!(
+            err,
+            Err(ClientError::CapabilityRefused { presented: false })
+        ));
     }
 }

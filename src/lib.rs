@@ -29,8 +29,9 @@
 //! are left out of core dumps and locked against swap ([`memory::LockedBytes`]).
 //! [`Supervisor::start`] does so for a host program unless
 //! [`Config::harden_process`] is turned off.
-// Audited exceptions: `memory` (malloc_trim; the pages of `memory::LockedBytes`) and
-// `harden` (a pre_exec hook; PT_DENY_ATTACH on macOS). tests/unsafe_code.rs pins them.
+// Audited exceptions: `memory` (malloc_trim; the pages of `memory::LockedBytes`),
+// `harden` (a pre_exec hook; PT_DENY_ATTACH on macOS) and `handover` (owning an inherited
+// descriptor; a pre_exec dup2). tests/unsafe_code.rs pins them.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -42,6 +43,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod handover;
 pub mod harden;
 pub mod import;
 pub mod memory;

@@ -11,7 +11,12 @@
 //! allow_all = false
 //! read_only = false
 //! rate_limit = 60                                 # requests/s per connection, 0 = off
+//! capability_token = false                        # same as --capability-token
 //! ```
+//!
+//! `capability_token = true` binds the socket to the one sandbox of this launch
+//! (PROTOCOL.md §13): a fresh capability token is made at start, `exec` hands it to its
+//! command on a descriptor and `serve` prints it, and a handshake without it is refused.
 //!
 //! An empty file allows nothing. `examples/profile.toml` is an annotated example.
 //!
@@ -62,12 +67,13 @@ use crate::policy::Profile;
 pub const MAX_PROFILE_SIZE: u64 = 1 << 20;
 
 /// The keys a profile file may set, in the order error messages list them.
-pub const KEYS: [&str; 11] = [
+pub const KEYS: [&str; 12] = [
     "allow",
     "allow_key",
     "allow_all",
     "read_only",
     "rate_limit",
+    "capability_token",
     "refresh",
     "refresh_margin",
     "renew_before",
@@ -103,6 +109,9 @@ pub struct ProfileFile {
     pub profile: Profile,
     /// `rate_limit` (requests per second per connection, 0 = off) when the file sets it.
     pub rate_limit: Option<u32>,
+    /// `capability_token` when the file sets it (true: a fresh capability token per
+    /// launch, as `--capability-token`).
+    pub capability_token: Option<bool>,
     /// `refresh` when the file sets it (false: serve tokens as stored).
     pub refresh: Option<bool>,
     /// `refresh_margin` in seconds when the file sets it.
@@ -164,6 +173,8 @@ struct Raw {
     read_only: bool,
     #[serde(default)]
     rate_limit: Option<u32>,
+    #[serde(default)]
+    capability_token: Option<bool>,
     #[serde(default)]
     refresh: Option<bool>,
     #[serde(default)]
@@ -424,6 +435,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
         sources,
         profile,
         rate_limit: raw.rate_limit,
+        capability_token: raw.capability_token,
         refresh: raw.refresh,
         refresh_margin: raw.refresh_margin.map(Spanned::into_inner),
         renew_before: raw.renew_before.map(Spanned::into_inner),
@@ -564,7 +576,7 @@ mod tests {
     #[test]
     fn unknown_keys() {
         let expected = "(expected one of allow, allow_key, allow_all, read_only, rate_limit, \
-                        refresh, refresh_margin, renew_before, provider, token_command, \
+                        capability_token, refresh, refresh_margin, renew_before, provider, token_command, \
                         key_command)";
         assert_err(
             "allow = []\nalow = [\"x\"]\n",
@@ -751,6 +763,26 @@ mod tests {
         );
         // Beyond i64 toml itself refuses the number.
         assert_err("rate_limit = 99999999999999999999\n", 1, "number too large");
+        assert_err(
+            "\ncapability_token = \"yes\"\n",
+            2,
+            "`capability_token`: invalid type: string \"yes\", expected a boolean",
+        );
+        assert_err(
+            "capability_token = 1\n",
+            1,
+            "`capability_token`: invalid type: integer",
+        );
+    }
+
+    #[test]
+    fn capability_token_key() {
+        assert_eq!(ok("capability_token = true\n").capability_token, Some(true));
+        assert_eq!(
+            ok("capability_token = false\n").capability_token,
+            Some(false)
+        );
+        assert_eq!(ok("").capability_token, None);
     }
 
     #[test]

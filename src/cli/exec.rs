@@ -10,6 +10,14 @@
 //!    With `--clear-env`, CMD's environment is only the socket variable and the
 //!    `--keep-env` names; otherwise it is `exec`'s own, and `exec` warns once, naming them,
 //!    when variables that look like credentials would pass (see [`ExecArgs`]).
+//!    With `--capability-token` (or `capability_token = true` in the profile), CMD also
+//!    gets this launch's capability token on descriptor 3 (`--capability-fd N`), a pipe
+//!    holding the 64 hex characters and a newline whose write end is already closed, and
+//!    `LLXPRT_CAPABILITY_FD=3` in its environment (with `--clear-env` too); the token is
+//!    in no environment, command line or file, and `exec` closes its copy of the pipe
+//!    right after the spawn ([`crate::handover`]). Without it, an inherited
+//!    `LLXPRT_CAPABILITY_FD` is taken out of CMD's environment: it would name a
+//!    descriptor CMD does not have.
 //! 3. Keep serving until CMD exits, relaying signals by the rules below.
 //! 4. When CMD exits: `Shutdown`, wait for the cleanup, exit with CMD's status (128+N when
 //!    CMD was killed by signal N).
@@ -69,7 +77,9 @@ use signal_hook::low_level::siginfo::Cause;
 
 use super::serve::{build_config, ServeArgs};
 use super::Failure;
+use crate::capability::{DEFAULT_FD, FD_ENV};
 use crate::client::SOCKET_ENV;
+use crate::handover::{Handover, MIN_FD};
 use crate::Supervisor;
 
 /// `credproxy exec` options.
@@ -87,6 +97,10 @@ pub struct ExecArgs {
     /// is skipped)
     #[arg(long, value_name = "NAME", requires = "clear_env")]
     pub keep_env: Vec<String>,
+    /// With --capability-token: the descriptor CMD reads the token from, 3 or more
+    /// [default: 3]
+    #[arg(long, value_name = "N", value_parser = parse_capability_fd)]
+    pub capability_fd: Option<i32>,
     /// The command to run, after `--`
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -178,6 +192,41 @@ fn keep_inherited_descriptors_from_cmd() {
     }
 }
 
+/// `--capability-fd N`: a descriptor number of at least 3.
+fn parse_capability_fd(text: &str) -> Result<i32, String> {
+    let fd: i32 = text
+        .parse()
+        .map_err(|_| "not a descriptor number".to_owned())?;
+    if fd < MIN_FD {
+        return Err(
+            "descriptors 0, 1 and 2 are CMD's stdin, stdout and stderr; use 3 or more".to_owned(),
+        );
+    }
+    Ok(fd)
+}
+
+/// The descriptor CMD gets the token on: `--capability-fd` (which needs a token) or 3,
+/// below the hard descriptor limit CMD will have.
+fn capability_fd(args: &ExecArgs, token_on: bool) -> Result<i32, Failure> {
+    let Some(fd) = args.capability_fd else {
+        return Ok(DEFAULT_FD);
+    };
+    if !token_on {
+        return Err(Failure::usage(
+            "--capability-fd needs --capability-token (or capability_token = true in the profile)",
+        ));
+    }
+    let resource = nix::sys::resource::Resource::RLIMIT_NOFILE;
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(resource) {
+        if fd as u64 >= hard {
+            return Err(Failure::usage(format!(
+                "--capability-fd {fd}: over the descriptor limit (RLIMIT_NOFILE {hard})"
+            )));
+        }
+    }
+    Ok(fd)
+}
+
 /// Checks the `--keep-env` names: non-empty, no `=` or NUL.
 fn check_keep_env(names: &[String]) -> Result<(), Failure> {
     for name in names {
@@ -212,13 +261,15 @@ fn resolve(program: &OsString) -> PathBuf {
 }
 
 /// CMD's command: `exec`'s environment, or only the socket variable and the kept names
-/// under `--clear-env`. Warns once, naming them, about credential-like variables that
-/// pass through the inherited environment.
+/// under `--clear-env`, and the capability token's descriptor when there is one. Warns
+/// once, naming them, about credential-like variables that pass through the inherited
+/// environment.
 fn command(
     args: &ExecArgs,
     program: &OsString,
     rest: &[OsString],
     socket: &std::path::Path,
+    handover: Option<&Handover>,
 ) -> Command {
     let mut cmd;
     if args.clear_env {
@@ -246,6 +297,12 @@ fn command(
         }
     }
     cmd.arg0(program).args(rest).env(SOCKET_ENV, socket);
+    match handover {
+        Some(handover) => handover.apply(&mut cmd),
+        None => {
+            cmd.env_remove(FD_ENV);
+        }
+    }
     // CMD is the user's program: the core-file limit exec dropped for itself
     // (crate::harden) is given back, as if CMD had been started without credproxy.
     crate::harden::restore_core_limit(&mut cmd);
@@ -260,7 +317,13 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
         .command
         .split_first()
         .ok_or_else(|| Failure::usage("no command given"))?;
-    let config = build_config(&args.serve)?;
+    let (config, capability) = build_config(&args.serve)?;
+    let fd = capability_fd(&args, capability.is_some())?;
+    // The token goes into the pipe now and is dropped (wiped): only the pipe holds it.
+    let handover = capability
+        .map(|token| Handover::new(&token, fd))
+        .transpose()
+        .map_err(|e| Failure::new(format!("cannot prepare the capability token's pipe: {e}")))?;
     // Catch the signals before anything starts, so none can kill us between the proxy's
     // start and the child's.
     // A signal exec was started with ignored (`nohup`, a background job) stays ignored,
@@ -276,7 +339,16 @@ pub fn exec(args: ExecArgs) -> Result<u8, Failure> {
     let signals_handle = signals.handle();
     let handle = Supervisor::start(config).map_err(|e| Failure::new(e.to_string()))?;
 
-    let child = command(&args, program, rest, handle.socket_path()).spawn();
+    let child = command(
+        &args,
+        program,
+        rest,
+        handle.socket_path(),
+        handover.as_ref(),
+    )
+    .spawn();
+    // CMD has its copy (or never will): close ours.
+    drop(handover);
     let child = match child {
         Ok(child) => child,
         Err(e) => {

@@ -23,7 +23,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Refused by the proxy (`UNAUTHORIZED`, `FORBIDDEN`, `RATE_LIMITED`, `INVALID_REQUEST`, ...).
     pub const REFUSED: u8 = 3;
-    /// Proxy unreachable or connection lost.
+    /// Proxy unreachable or connection lost, or `LLXPRT_CAPABILITY_FD` is set and its
+    /// descriptor holds no capability token.
     pub const UNREACHABLE: u8 = 4;
     /// Proxy internal error.
     pub const INTERNAL: u8 = 5;
@@ -44,8 +45,9 @@ Exit status of the token and key commands:
   1  not found (NOT_FOUND, or `key has` answering false)
   2  usage error
   3  refused by the proxy (UNAUTHORIZED, FORBIDDEN, RATE_LIMITED, INVALID_REQUEST,
-     REFRESH_NOT_AVAILABLE, ...)
-  4  proxy unreachable or connection lost
+     REFRESH_NOT_AVAILABLE, ...; UNAUTHORIZED also for a refused capability token)
+  4  proxy unreachable or connection lost, or no capability token on the descriptor
+     named by LLXPRT_CAPABILITY_FD
   5  proxy internal error
   6  cannot write the output (stdout full, closed, or a pipe with no reader)
   7  a new login is needed on the host (REAUTH_REQUIRED): retrying will not help
@@ -163,8 +165,10 @@ pub enum KeyCommand {
     },
 }
 
-/// The client for `--socket` or the environment. `may_refresh`: the request may wait on a
-/// host-side refresh, so it gets [`REFRESH_REQUEST_TIMEOUT`] to see the proxy's own answer.
+/// The client for `--socket` or the environment, with the capability token of the
+/// descriptor named by `LLXPRT_CAPABILITY_FD` when that is set. `may_refresh`: the
+/// request may wait on a host-side refresh, so it gets [`REFRESH_REQUEST_TIMEOUT`] to see
+/// the proxy's own answer.
 fn client(arg: &SocketArg, may_refresh: bool) -> Result<Client, Failure> {
     let path = match &arg.socket {
         Some(path) => path.clone(),
@@ -178,11 +182,12 @@ fn client(arg: &SocketArg, may_refresh: bool) -> Result<Client, Failure> {
                 )
             })?,
     };
+    let capability = crate::handover::from_env().map_err(|e| failure(e.into()))?;
     let mut config = ClientConfig::default();
     if may_refresh {
         config.request_timeout = REFRESH_REQUEST_TIMEOUT;
     }
-    Ok(Client::with_config(path, config))
+    Ok(Client::with_capability(path, config, capability))
 }
 
 /// Maps a client error to the documented exit status and a line naming the code.
@@ -206,6 +211,9 @@ fn failure(e: ClientError) -> Failure {
         }
         ClientError::TooLarge | ClientError::Protocol(_) => {
             Failure::with_code(format!("PROTOCOL: {e}"), exit::REFUSED)
+        }
+        ClientError::CapabilityRefused { .. } => {
+            Failure::with_code(format!("UNAUTHORIZED: {e}"), exit::REFUSED)
         }
         _ => Failure::with_code(format!("UNREACHABLE: {e}"), exit::UNREACHABLE),
     }

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use super::Failure;
 use crate::backend::FileBackend;
+use crate::capability::CapabilityToken;
 use crate::refresh::RefreshConfig;
 use crate::{profile, Config, Supervisor};
 
@@ -88,6 +89,12 @@ pub struct ServeArgs {
     /// behaviour)
     #[arg(long)]
     pub no_refresh: bool,
+    /// Bind the socket to this launch's sandbox: make a fresh capability token and refuse
+    /// every handshake without it. `serve` prints it on a second line,
+    /// LLXPRT_CAPABILITY_TOKEN=HEX; `exec` hands it to CMD on a descriptor
+    /// (LLXPRT_CAPABILITY_FD)
+    #[arg(long)]
+    pub capability_token: bool,
     /// Log format on stderr (level from RUST_LOG, default info)
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -128,7 +135,10 @@ pub fn open_store(arg: &StoreArg) -> Result<FileBackend, Failure> {
 }
 
 /// Builds the server configuration: the profile file first, then the flags added to it.
-pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
+/// With `--capability-token` (or `capability_token = true` in the profile) it also makes
+/// this launch's capability token, returned for the caller to hand over (its digest is in
+/// the configuration); drop it once handed over.
+pub fn build_config(args: &ServeArgs) -> Result<(Config, Option<CapabilityToken>), Failure> {
     let loaded = load_profile(args.profile.as_deref())?;
     let refresh = refresh_config(&loaded, args);
     let sources = loaded.sources.clone();
@@ -164,7 +174,25 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, Failure> {
     if let Some(secs) = args.idle_timeout {
         config.limits.idle_timeout = std::time::Duration::from_secs(secs);
     }
-    Ok(config)
+    let capability = (args.capability_token || loaded.capability_token == Some(true))
+        .then(CapabilityToken::generate);
+    config.capability = capability.as_ref().map(CapabilityToken::digest);
+    Ok((config, capability))
+}
+
+/// Writes `LLXPRT_CAPABILITY_TOKEN=<hex>` and a newline to `out` in one write and flushes.
+/// The line is built in a buffer of its exact size that is wiped afterwards, and written
+/// whole, so a line-buffered stdout passes it straight through without keeping a copy.
+pub fn print_token_line(out: &mut impl Write, token: &CapabilityToken) -> std::io::Result<()> {
+    let var = crate::capability::TOKEN_VAR;
+    let mut line =
+        zeroize::Zeroizing::new(Vec::with_capacity(var.len() + 2 + token.expose().len()));
+    line.extend_from_slice(var.as_bytes());
+    line.push(b'=');
+    line.extend_from_slice(token.expose().as_bytes());
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()
 }
 
 /// The profile file named by `--profile`, or an empty one.
@@ -222,7 +250,7 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
 
 /// `credproxy serve`.
 pub fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let config = build_config(&args)?;
+    let (config, capability) = build_config(&args)?;
     // A stop signal serve was started with ignored (`nohup credproxy serve &` ignores
     // SIGHUP) stays ignored: the launcher asked for it.
     use nix::sys::signal::Signal;
@@ -282,6 +310,10 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
             handle.socket_path().display()
         );
         let _ = out.flush();
+        if let Some(token) = capability {
+            // For a launcher that passes the token on itself; not kept after this.
+            let _ = print_token_line(&mut out, &token);
+        }
         drop(out);
         let signal = tokio::select! {
             _ = recv(&mut sigint) => "SIGINT",
