@@ -738,9 +738,11 @@ impl Handler<Drain> for Session {
     }
 }
 
-/// A frame's bytes while it is parsed: a large frame's own buffer is wiped afterwards.
+/// A frame's bytes while it is parsed, wiped afterwards: the handshake's capability
+/// token, a `save_token`'s access token and whatever else a client sent do not stay in
+/// the read buffer's memory.
 enum BodyBytes {
-    Shared(bytes::Bytes),
+    Shared(bytes::BytesMut),
     Owned(Vec<u8>),
 }
 
@@ -755,8 +757,9 @@ impl BodyBytes {
 
 impl Drop for BodyBytes {
     fn drop(&mut self) {
-        if let BodyBytes::Owned(v) = self {
-            zeroize::Zeroize::zeroize(v);
+        match self {
+            BodyBytes::Shared(b) => zeroize::Zeroize::zeroize(&mut b[..]),
+            BodyBytes::Owned(v) => zeroize::Zeroize::zeroize(v),
         }
     }
 }

@@ -29,7 +29,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use futures_util::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::unix::OwnedReadHalf;
@@ -115,10 +115,11 @@ impl Drop for InboundPermit {
     }
 }
 
-/// A frame body as read.
+/// A frame body as read. The session wipes either kind once the frame is parsed (a
+/// handshake carries the capability token, a `save_token` an access token).
 pub enum Body {
-    /// A frame of at most 65 536 bytes, cut from the read buffer.
-    Small(Bytes),
+    /// A frame of at most 65 536 bytes, cut from the read buffer (its own region of it).
+    Small(BytesMut),
     /// A large frame (version 2 only), in its own buffer, with its share of the budget.
     /// The session wipes the buffer once the frame is parsed.
     Large(Vec<u8>, InboundPermit),
@@ -282,7 +283,7 @@ impl Stream for FrameReader {
                 let total = HEADER_LEN + n;
                 if this.buf.len() >= total {
                     this.buf.advance(HEADER_LEN);
-                    let body = this.buf.split_to(n).freeze();
+                    let body = this.buf.split_to(n);
                     this.started = false;
                     return Poll::Ready(Some(Ok(Inbound::Frame(Body::Small(body)))));
                 }
