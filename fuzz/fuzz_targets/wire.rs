@@ -15,6 +15,10 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use credproxy::backend::MemoryBackend;
 use credproxy::codec::{FrameCodec, FrameEvent, MAX_FRAME_LEN};
+
+/// One capability token for the whole run: handshakes are checked against it too.
+static CAPABILITY: std::sync::LazyLock<credproxy::capability::CapabilityToken> =
+    std::sync::LazyLock::new(credproxy::capability::CapabilityToken::generate);
 use credproxy::envelope::{self, FrameError, PayloadField, Scalar};
 use credproxy::protocol::{self, ErrorCode, Request};
 use credproxy::secret::Secret;
@@ -66,7 +70,8 @@ fn parse_in_process(data: &[u8], split: usize) {
                     assert!(body.len() <= MAX_FRAME_LEN);
                     check_frame_agrees(&body);
                     if let Ok(frame) = protocol::parse_frame(&body) {
-                        let _ = protocol::negotiate(&frame);
+                        let _ = protocol::negotiate(&frame, None);
+                        let _ = protocol::negotiate(&frame, Some(&CAPABILITY.digest()));
                         if let Ok(env) = protocol::parse_envelope(frame) {
                             if let Ok(op) = protocol::parse_op(&env.op) {
                                 let _ = Request::parse(op, env.payload);
