@@ -354,7 +354,7 @@ impl Callback {
 impl Listener {
     /// Listens for `redirect` (host, port and path; port 0: an ephemeral one) on the
     /// loopback interface. `localhost` is served on 127.0.0.1 and, when it can be bound
-    /// with the same port, on [::1], since a browser may resolve it to either.
+    /// with the same port, on `[::1]`, since a browser may resolve it to either.
     pub async fn bind(redirect: &Redirect) -> Result<Listener, LoginError> {
         let Redirect::Loopback { host, port, path } = redirect else {
             return Err(LoginError::Local(
