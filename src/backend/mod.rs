@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod seal;
 pub mod url;
 pub mod watch;
 
