@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/keyring.rs"]
+mod keyring_support;
+
 use credproxy::backend::{
-    Backend, FileBackend, MemoryBackend, NeedsLogin, RefreshState, RefreshWrite, SaveMode,
-    StoreError,
+    Backend, FileBackend, KeyringBackend, MemoryBackend, NeedsLogin, RefreshState, RefreshWrite,
+    SaveMode, StoreError,
 };
 use credproxy::secret::Secret;
 use credproxy::token::Token;
@@ -505,6 +508,48 @@ fn concurrent_merges_through_two_handles_lose_no_update(f: &dyn Fixture) {
     assert_eq!(stored["refresh_token"], json!("rt"));
 }
 
+/// Two handles on one keyring service (a unique one per test), as two processes would
+/// have. `None` when no Secret Service is reachable (the test then skips, or fails under
+/// CI: see `keyring_support::available`).
+struct Keyring {
+    a: Arc<KeyringBackend>,
+    b: Arc<KeyringBackend>,
+}
+
+impl Fixture for Keyring {
+    fn handle(&self) -> Arc<dyn Backend> {
+        self.a.clone()
+    }
+    fn other(&self) -> Arc<dyn Backend> {
+        self.b.clone()
+    }
+}
+
+impl Drop for Keyring {
+    /// Leaves nothing behind in the keyring.
+    fn drop(&mut self) {
+        for provider in self.a.list_providers().unwrap_or_default() {
+            for bucket in self.a.list_buckets(&provider).unwrap_or_default() {
+                let _ = self.a.remove_token(&provider, &bucket);
+            }
+        }
+        for key in self.a.list_keys().unwrap_or_default() {
+            let _ = self.a.remove_key(&key);
+        }
+    }
+}
+
+fn keyring() -> Option<Keyring> {
+    if !keyring_support::available() {
+        return None;
+    }
+    let service = keyring_support::unique_service("contract");
+    let open = || Arc::new(KeyringBackend::open(Some(&service)).expect("open keyring store"));
+    let a = open();
+    let b = open();
+    Some(Keyring { a, b })
+}
+
 /// One `#[test]` per contract check and backend.
 macro_rules! contract {
     ($backend:ident, $make:expr) => {
@@ -533,8 +578,38 @@ macro_rules! contract {
             }
         )*
     };
+    // A backend that needs a service which may be absent: `$make` gives an Option, and
+    // `None` skips (keyring_support::available printed why, or failed under CI).
+    (optional $backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+            contract!(@optional $make;
+                round_trip_replace_and_served_form,
+                merge_keeps_what_the_incoming_token_lacks,
+                a_token_too_large_to_serve_is_refused_and_nothing_written,
+                remove_and_sorted_lists,
+                api_keys,
+                invalid_names_are_refused_everywhere,
+                finish_refresh_writes_marks_and_yields_to_removal,
+                finish_refresh_refuses_what_save_refuses,
+                the_refresh_lock_excludes_other_holders_until_dropped,
+                concurrent_merges_through_two_handles_lose_no_update
+            );
+        }
+    };
+    (@optional $make:expr; $($check:ident),*) => {
+        $(
+            #[test]
+            fn $check() {
+                if let Some(fixture) = $make {
+                    super::$check(&fixture);
+                }
+            }
+        )*
+    };
 }
 
 contract!(memory_store, memory());
 contract!(file_store, file_plain());
 contract!(file_store_with_read_cache, file_cached());
+contract!(optional keyring_store, keyring());

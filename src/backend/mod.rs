@@ -8,6 +8,7 @@
 //! one touch a path outside its directory.
 
 pub mod file;
+pub mod keyring;
 pub mod memory;
 pub mod seal;
 pub mod url;
@@ -19,6 +20,7 @@ use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
 pub use file::FileBackend;
+pub use keyring::KeyringBackend;
 pub use memory::MemoryBackend;
 
 /// An internal storage failure. Its text may name host paths: it goes to the host's log
@@ -70,6 +72,10 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// The OS keyring failed, is locked, is absent or did not answer in time; the text
+    /// says what to do (never a secret).
+    #[error("OS keyring: {0}")]
+    Keyring(String),
     /// The store was cleared by shutdown and holds nothing any more.
     #[error("the store has been cleared")]
     Cleared,

@@ -188,7 +188,7 @@ pub fn login(args: LoginArgs) -> Result<u8, Failure> {
     // The store first: a login that cannot be saved should not ask for a browser.
     let backend =
         open_store(&args.host.store).map_err(|f| Failure::with_code(f.message, exit::INTERNAL))?;
-    let secret = client_secret(&endpoint, &backend)?;
+    let secret = client_secret(&endpoint, &*backend)?;
     if flow == Flow::Paste && !std::io::stdin().is_terminal() {
         return Err(Failure::usage(format!(
             "{} shows the code on its own page for you to paste here, and stdin is not a \
@@ -488,7 +488,7 @@ pub fn logout(args: LogoutArgs) -> Result<u8, Failure> {
     }
     let revocation = match (&endpoint, revocable) {
         (Some(e), Some((token, hint))) if e.login.revocation_url.is_some() => {
-            let secret = match client_secret(e, &backend) {
+            let secret = match client_secret(e, &*backend) {
                 Ok(secret) => secret,
                 Err(f) => {
                     say(&format!(

@@ -400,7 +400,7 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
                 check_name(NameKind::Provider, provider)?;
             }
             let backend = open_store(&host.store)?;
-            let entries = status_entries(&backend, provider.as_deref(), &refresh.endpoints, now())
+            let entries = status_entries(&*backend, provider.as_deref(), &refresh.endpoints, now())
                 .map_err(store_failed)?;
             if json {
                 let mut text = serde_json::to_string(&entries)
@@ -583,9 +583,8 @@ fn refresh_now(
     check_name(NameKind::Provider, provider)?;
     check_name(NameKind::Bucket, bucket)?;
     let internal = |message: String| Failure::with_code(message, exit::INTERNAL);
-    let backend: Arc<dyn Backend> = Arc::new(
-        open_store(&host.store).map_err(|f| Failure::with_code(f.message, exit::INTERNAL))?,
-    );
+    let backend: Arc<dyn Backend> =
+        open_store(&host.store).map_err(|f| Failure::with_code(f.message, exit::INTERNAL))?;
     config.settings.enabled = true;
     let settings = config.settings;
     let endpoints = Arc::new(config.endpoints);

@@ -6,6 +6,7 @@
 pub mod as_user;
 pub mod auth_server;
 pub mod hooked;
+pub mod keyring;
 pub mod probe;
 pub mod process;
 pub mod refresh;
