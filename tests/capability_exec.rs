@@ -147,23 +147,7 @@ impl Sleeping {
         let mut child = spawn_piped(&mut command).expect("spawn");
         let stdout = FirstLine::read(child.stdout.take().expect("stdout"));
         let exec = ChildGuard::new(child, true);
-        let line = stdout.wait().expect("CMD's pid line");
-        let pid: i32 = line
-            .trim_end()
-            .strip_prefix("pid=")
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-            .parse()
-            .expect("pid");
-        let cmd = Pid::from_raw(pid);
-        let t0 = Instant::now();
-        while fs::read_to_string(format!("/proc/{cmd}/comm"))
-            .ok()
-            .as_deref()
-            != Some("sleep\n")
-        {
-            assert!(t0.elapsed() < DEADLINE, "CMD never became sleep");
-            thread::sleep(Duration::from_millis(10));
-        }
+        let cmd = common::process::sleeping_cmd(stdout);
         Sleeping { exec, cmd }
     }
 

@@ -7,10 +7,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::thread;
-use std::time::{Duration, Instant};
 
-use common::process::{path_str, strings, ChildGuard, Fixture, BIN, DEADLINE};
+use common::process::{path_str, strings, ChildGuard, Fixture, BIN};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -80,25 +78,8 @@ fn cmd_descriptors(prelude: &str) -> (BTreeSet<i32>, Vec<String>) {
     let mut child = common::process::spawn_piped(&mut command).expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let mut guard = ChildGuard::new(child, true);
-    let first = common::process::FirstLine::read(stdout);
-    let line = first.wait().expect("CMD's pid line");
-    let pid: i32 = line
-        .trim_end()
-        .strip_prefix("pid=")
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .parse()
-        .expect("pid");
-    let pid = Pid::from_raw(pid);
     // Wait for the `exec sleep`: the shell's own descriptors are not the point.
-    let t0 = Instant::now();
-    while fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .as_deref()
-        != Some("sleep\n")
-    {
-        assert!(t0.elapsed() < DEADLINE, "CMD never became sleep");
-        thread::sleep(Duration::from_millis(10));
-    }
+    let pid = common::process::sleeping_cmd(common::process::FirstLine::read(stdout));
     let cmd_fds = fds(pid);
     let exec_targets = targets(guard.pid());
     guard.signal(Signal::SIGTERM);

@@ -703,23 +703,8 @@ impl Backend for FileBackend {
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(corrupt(&path, "not a regular file"));
         }
-        // Polled without blocking, so that a wait is bounded (REFRESH_LOCK_WAIT) and never
-        // parks a worker thread for good behind a process that hangs holding the lock.
-        let mut file = File::from(fd);
-        let deadline = std::time::Instant::now() + REFRESH_LOCK_WAIT;
-        let mut pause = std::time::Duration::from_millis(5);
-        loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(RefreshLock::new(lock)),
-                Err((f, Errno::EINTR)) => file = f,
-                Err((f, Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
-                    file = f;
-                }
-                Err((_, errno)) => return Err(io_err("lock", &path)(errno.into())),
-            }
-        }
+        // Polled without blocking, so that a wait is bounded (REFRESH_LOCK_WAIT).
+        super::flock_polled(File::from(fd), &path, REFRESH_LOCK_WAIT).map(RefreshLock::new)
     }
 
     /// Read without a lock (state files are replaced by rename); a corrupt state file is

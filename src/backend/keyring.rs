@@ -24,10 +24,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use zeroize::Zeroize;
 
 use super::{
@@ -124,27 +123,7 @@ fn open_lock_file(path: &Path) -> Result<File, StoreError> {
 
 /// Takes an exclusive `flock` on `path`, polling without blocking until `wait` has passed.
 fn flock(path: &Path, wait: Duration) -> Result<Flock<File>, StoreError> {
-    let mut file = open_lock_file(path)?;
-    let deadline = Instant::now() + wait;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
-            Err((f, Errno::EINTR)) => file = f,
-            Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(100));
-                file = f;
-            }
-            Err((_, errno)) => {
-                return Err(StoreError::Io {
-                    op: "lock",
-                    path: path.to_owned(),
-                    source: errno.into(),
-                })
-            }
-        }
-    }
+    super::flock_polled(open_lock_file(path)?, path, wait)
 }
 
 /// The attributes of one item (or, without the last pair, of a search).

@@ -94,6 +94,40 @@ pub(crate) fn check_storable(token: &Token) -> Result<(), StoreError> {
     }
 }
 
+/// Takes an exclusive `flock` on `file` (opened at `path`), polling without blocking
+/// (5 ms doubling to 100 ms) until `wait` has passed: a wait is bounded and never parks a
+/// worker thread for good behind a process that hangs holding the lock. Shared by the
+/// file and keyring stores' store and refresh locks.
+pub(crate) fn flock_polled(
+    mut file: std::fs::File,
+    path: &std::path::Path,
+    wait: std::time::Duration,
+) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{Flock, FlockArg};
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + wait;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, Errno::EINTR)) => file = f,
+            Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+                file = f;
+            }
+            Err((_, errno)) => {
+                return Err(StoreError::Io {
+                    op: "lock",
+                    path: path.to_owned(),
+                    source: errno.into(),
+                })
+            }
+        }
+    }
+}
+
 /// Refuses a name that is not valid for `kind`: every backend checks again, so no caller
 /// can make one touch a path outside its directory.
 pub(crate) fn check_name(kind: crate::names::NameKind, name: &str) -> Result<(), StoreError> {

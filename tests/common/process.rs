@@ -294,6 +294,30 @@ pub fn try_run<S: AsRef<OsStr> + Debug>(
 // `credproxy serve`
 // ---------------------------------------------------------------------------------------
 
+/// The pid of a CMD that printed `pid=N` as its first line and then became `exec sleep`:
+/// reads the line and waits (up to [`DEADLINE`]) until `/proc/N/comm` is `sleep`, so the
+/// shell's own state is not what a test looks at.
+pub fn sleeping_cmd(first: FirstLine) -> Pid {
+    let line = first.wait().expect("CMD's pid line");
+    let pid: i32 = line
+        .trim_end()
+        .strip_prefix("pid=")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .parse()
+        .expect("pid");
+    let pid = Pid::from_raw(pid);
+    let t0 = Instant::now();
+    while fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .as_deref()
+        != Some("sleep\n")
+    {
+        assert!(t0.elapsed() < DEADLINE, "CMD never became sleep");
+        thread::sleep(Duration::from_millis(10));
+    }
+    pid
+}
+
 /// A child's stdout: its first line, handed over as soon as it is read, and the rest read
 /// to its end on the same thread.
 pub struct FirstLine {
