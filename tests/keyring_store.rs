@@ -114,6 +114,7 @@ echo "ms=$(( ($(date +%s%N) - start) / 1000000 ))"
 fn a_stopped_daemon_gives_an_error_within_the_timeout() {
     let script = r#"pid=$(dbus-send --session --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
   org.freedesktop.DBus.GetConnectionUnixProcessID string:org.freedesktop.secrets | awk '/uint32/ {print $2}')
+[ -n "$pid" ] || { echo "no keyring daemon owns org.freedesktop.secrets" >&2; exit 1; }
 kill -STOP "$pid"
 start=$(date +%s%N)
 timeout 30 "$BIN" store key list --store keyring:credproxy-stopped; echo "rc=$?"
