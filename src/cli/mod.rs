@@ -9,6 +9,7 @@
 mod exec;
 pub mod inside;
 mod login;
+mod open;
 mod serve;
 mod store;
 

@@ -3,26 +3,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+pub use super::open::{open_backend, open_store, StoreArg};
 use super::Failure;
-use crate::backend::url::StoreUrl;
-use crate::backend::{Backend, FileBackend, KeyringBackend};
 use crate::capability::CapabilityToken;
 use crate::refresh::RefreshConfig;
 use crate::{profile, Config, Supervisor};
-
-/// `--store STORE`: a directory (`DIR` or `file:DIR`) or `keyring:[SERVICE]`.
-#[derive(Args, Debug, Clone)]
-pub struct StoreArg {
-    /// The store: a directory (DIR or file:DIR), or the OS keyring (keyring: or
-    /// keyring:SERVICE) [default: the directory $XDG_DATA_HOME/credproxy, else
-    /// ~/.local/share/credproxy]
-    #[arg(long, value_name = "STORE")]
-    pub store: Option<PathBuf>,
-}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -118,52 +106,6 @@ pub fn init_logging(format: LogFormat) -> Result<(), Failure> {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     result.map_err(|e| Failure::new(format!("cannot set up logging: {e}")))
-}
-
-/// Opens the store named by `--store` (the default directory without one), as the host's
-/// store commands use it: without a read cache.
-pub fn open_store(arg: &StoreArg) -> Result<Arc<dyn Backend>, Failure> {
-    open_backend(arg, false)
-}
-
-/// Opens the store named by `--store`; `cached`: the file store keeps its read cache (as
-/// `serve` and `exec` run it). An etcd URL is a usage error until that store exists.
-pub fn open_backend(arg: &StoreArg, cached: bool) -> Result<Arc<dyn Backend>, Failure> {
-    let url = match &arg.store {
-        Some(value) => {
-            let text = value.to_str().ok_or_else(|| {
-                Failure::usage("--store: the value is not valid UTF-8".to_owned())
-            })?;
-            text.parse::<StoreUrl>()
-                .map_err(|e| Failure::usage(format!("--store: {e}")))?
-        }
-        None => StoreUrl::File(FileBackend::default_dir().ok_or_else(|| {
-            Failure::new(
-                "cannot find a home for the store: set XDG_DATA_HOME or HOME, or pass --store DIR",
-            )
-        })?),
-    };
-    match url {
-        StoreUrl::File(dir) => {
-            let backend = FileBackend::open(&dir).map_err(|e| {
-                Failure::new(format!(
-                    "cannot open the store: {e}; check the directory or pass --store DIR"
-                ))
-            })?;
-            Ok(if cached {
-                Arc::new(backend.with_read_cache())
-            } else {
-                Arc::new(backend)
-            })
-        }
-        StoreUrl::Keyring { service } => Ok(Arc::new(
-            KeyringBackend::open(Some(&service))
-                .map_err(|e| Failure::new(format!("cannot open the keyring store: {e}")))?,
-        )),
-        StoreUrl::Etcd { .. } => Err(Failure::usage(
-            "the etcd store is not available yet: use --store DIR or --store keyring:".to_owned(),
-        )),
-    }
 }
 
 /// Builds the server configuration: the profile file first, then the flags added to it.

@@ -1,0 +1,136 @@
+//! How every command opens its store: `--store URL` (a directory, `keyring:[SERVICE]` or
+//! `etcd://HOST:PORT[,...]/PREFIX`) and the options a shared store needs to be reached
+//! (`--store-key`, `--etcd-*`), shared by `serve`, `exec`, `login`, `import` and every
+//! `store` command.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::Failure;
+use crate::backend::url::StoreUrl;
+use crate::backend::{Backend, FileBackend, KeyringBackend};
+
+/// `--store STORE` and the options to reach it.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArg {
+    /// The store: a directory (DIR or file:DIR), the OS keyring (keyring: or
+    /// keyring:SERVICE), or an etcd cluster (etcd://HOST:PORT[,HOST:PORT...]/PREFIX)
+    /// [default: the directory $XDG_DATA_HOME/credproxy, else ~/.local/share/credproxy]
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<PathBuf>,
+    /// How to reach a shared store.
+    #[command(flatten)]
+    pub access: StoreAccess,
+}
+
+/// What a shared (etcd) store needs besides its URL: the data key that seals every value
+/// before it leaves the host, and the cluster's TLS and authentication. Never a secret on
+/// the command line: the password and keys are files.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreAccess {
+    /// The data key of an etcd store: a file of exactly 32 random bytes, 0600, owned by
+    /// you (make one with `credproxy store new-key FILE`); every host of a fleet uses the
+    /// same key
+    #[arg(long, value_name = "FILE")]
+    pub store_key: Option<PathBuf>,
+    /// etcd over TLS: the CA certificate (PEM) that signed the members' certificates
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// etcd client certificate (PEM), with --etcd-key: authenticate by certificate
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name, with --etcd-password-file: authenticate by password
+    #[arg(long, value_name = "USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (first line)
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+/// Opens the store named by `--store` (the default directory without one), as the host's
+/// store commands use it: without a read cache.
+pub fn open_store(arg: &StoreArg) -> Result<Arc<dyn Backend>, Failure> {
+    open_backend(arg, false)
+}
+
+/// Parses `--store` (the default directory without one).
+pub fn store_url(arg: &StoreArg) -> Result<StoreUrl, Failure> {
+    match &arg.store {
+        Some(value) => {
+            let text = value.to_str().ok_or_else(|| {
+                Failure::usage("--store: the value is not valid UTF-8".to_owned())
+            })?;
+            text.parse::<StoreUrl>()
+                .map_err(|e| Failure::usage(format!("--store: {e}")))
+        }
+        None => Ok(StoreUrl::File(FileBackend::default_dir().ok_or_else(
+            || {
+                Failure::new(
+                "cannot find a home for the store: set XDG_DATA_HOME or HOME, or pass --store DIR",
+            )
+            },
+        )?)),
+    }
+}
+
+/// Opens the store named by `--store`; `cached`: the store keeps its read cache (as
+/// `serve` and `exec` run it).
+pub fn open_backend(arg: &StoreArg, cached: bool) -> Result<Arc<dyn Backend>, Failure> {
+    open_url(&store_url(arg)?, &arg.access, cached)
+}
+
+/// Opens the store at `url` with `access`; `cached` as in [`open_backend`].
+pub fn open_url(
+    url: &StoreUrl,
+    access: &StoreAccess,
+    cached: bool,
+) -> Result<Arc<dyn Backend>, Failure> {
+    if !matches!(url, StoreUrl::Etcd { .. }) {
+        refuse_etcd_options(access)?;
+    }
+    match url {
+        StoreUrl::File(dir) => {
+            let backend = FileBackend::open(dir).map_err(|e| {
+                Failure::new(format!(
+                    "cannot open the store: {e}; check the directory or pass --store DIR"
+                ))
+            })?;
+            Ok(if cached {
+                Arc::new(backend.with_read_cache())
+            } else {
+                Arc::new(backend)
+            })
+        }
+        StoreUrl::Keyring { service } => Ok(Arc::new(
+            KeyringBackend::open(Some(service))
+                .map_err(|e| Failure::new(format!("cannot open the keyring store: {e}")))?,
+        )),
+        StoreUrl::Etcd { .. } => Err(Failure::usage(
+            "the etcd store is not available yet: use --store DIR or --store keyring:".to_owned(),
+        )),
+    }
+}
+
+/// The etcd options mean nothing to a directory or keyring store: say so rather than
+/// ignore them (a data key given to a file store would suggest it encrypts).
+fn refuse_etcd_options(access: &StoreAccess) -> Result<(), Failure> {
+    let given = [
+        ("--store-key", access.store_key.is_some()),
+        ("--etcd-ca", access.etcd_ca.is_some()),
+        ("--etcd-cert", access.etcd_cert.is_some()),
+        ("--etcd-key", access.etcd_key.is_some()),
+        ("--etcd-user", access.etcd_user.is_some()),
+        ("--etcd-password-file", access.etcd_password_file.is_some()),
+    ];
+    match given.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => Err(Failure::usage(format!(
+            "{flag} is for an etcd store (--store etcd://...), not this one"
+        ))),
+        None => Ok(()),
+    }
+}
