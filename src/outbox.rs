@@ -109,7 +109,7 @@ impl UnsentBudget {
         let due = self
             .last_warn
             .get()
-            .map_or(true, |t| t.elapsed() >= WARN_INTERVAL);
+            .is_none_or(|t| t.elapsed() >= WARN_INTERVAL);
         if due {
             tracing::warn!(
                 aborted = self.aborted.get(),

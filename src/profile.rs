@@ -364,7 +364,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<ProfileFile, ProfileError> {
         if command
             .get_ref()
             .first()
-            .map_or(true, |p| p.trim().is_empty())
+            .is_none_or(|p| p.trim().is_empty())
         {
             return Err(invalid(
                 Some(command.span()),

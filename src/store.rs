@@ -427,7 +427,7 @@ impl WriteGate {
 
 /// True when `gate` lets the write go ahead (no gate: always).
 fn may_write(gate: Option<&WriteGate>) -> bool {
-    gate.map_or(true, WriteGate::commit)
+    gate.is_none_or(WriteGate::commit)
 }
 
 impl Handler<SaveToken> for CredentialStore {

@@ -347,7 +347,7 @@ impl Supervisor {
         let now = std::time::Instant::now();
         if self
             .last_refusal_log
-            .map_or(true, |t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
         {
             tracing::warn!(
                 refused = self.refused_unlogged,

@@ -659,7 +659,7 @@ fn no_store_command_prints_a_secret_even_at_trace() {
     let mut not_utf8 = CANARY_KEY.as_bytes().to_vec();
     not_utf8.extend_from_slice(&[0xff, 0xfe, b'\n']);
     let mut too_big = token_json(CANARY_AT, CANARY_RT).into_bytes();
-    too_big.extend(std::iter::repeat(b' ').take(6 << 20));
+    too_big.extend(std::iter::repeat_n(b' ', 6 << 20));
     let bad_type = json!({"access_token": 5, "refresh_token": CANARY_RT, "expiry": 1,
         "token_type": "Bearer"})
     .to_string();

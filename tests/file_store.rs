@@ -757,7 +757,7 @@ fn readers_never_see_a_torn_or_empty_file_while_a_writer_replaces_it() {
             let (ta, tb) = (tok(a.clone()), tok(b.clone()));
             let mut writes = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                let next = if writes % 2 == 0 { &tb } else { &ta };
+                let next = if writes.is_multiple_of(2) { &tb } else { &ta };
                 backend
                     .save_token("p", "default", next, SaveMode::Replace)
                     .expect("save");

@@ -270,7 +270,7 @@ fn say(text: &str) {
 
 fn minutes(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= 60 && s % 60 == 0 {
+    if s >= 60 && s.is_multiple_of(60) {
         format!("{} minute{}", s / 60, if s == 60 { "" } else { "s" })
     } else {
         format!("{s} s")

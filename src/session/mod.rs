@@ -588,7 +588,7 @@ impl Session {
     /// so the cancel answers `false`, as for a request already answered or never seen.
     fn cancel(&mut self, id: &str, target_id: &str, ctx: &mut Context<Self>) {
         let cancelled = match self.in_flight.get(target_id) {
-            Some(running) => running.gate.as_ref().map_or(true, WriteGate::cancel),
+            Some(running) => running.gate.as_ref().is_none_or(WriteGate::cancel),
             None => false,
         };
         if cancelled {
