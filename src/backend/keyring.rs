@@ -54,7 +54,7 @@ pub struct KeyringBackend {
     service: String,
     /// A private runtime: zbus spawns its reader task on the runtime it connects from, and
     /// calls come from worker threads that must not be inside another runtime.
-    rt: tokio::runtime::Runtime,
+    rt: super::PrivateRuntime,
     lock_dir: PathBuf,
 }
 
@@ -142,16 +142,7 @@ impl KeyringBackend {
         if service.contains(['/', '\0']) || service.len() > 200 {
             return Err(StoreError::InvalidName);
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("credproxy-keyring")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Io {
-                op: "start keyring runtime",
-                path: PathBuf::new(),
-                source: e,
-            })?;
+        let rt = super::PrivateRuntime::start("credproxy-keyring")?;
         Ok(KeyringBackend {
             service: service.to_owned(),
             rt,

@@ -7,6 +7,7 @@
 //! (PROTOCOL.md §6); backends check again and refuse invalid names, so no caller can make
 //! one touch a path outside its directory.
 
+pub mod etcd;
 pub mod file;
 pub mod keyring;
 pub mod memory;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use crate::secret::Secret;
 use crate::token::{ServedToken, Token};
 
+pub use etcd::EtcdBackend;
 pub use file::FileBackend;
 pub use keyring::KeyringBackend;
 pub use memory::MemoryBackend;
@@ -76,6 +78,11 @@ pub enum StoreError {
     /// says what to do (never a secret).
     #[error("OS keyring: {0}")]
     Keyring(String),
+    /// The etcd store failed: unreachable, no leader, refused, timed out, a value that does
+    /// not open with the data key, or too many lost compare-and-swap races; the text names
+    /// the store and what happened (never a value).
+    #[error("etcd store: {0}")]
+    Etcd(String),
     /// The store was cleared by shutdown and holds nothing any more.
     #[error("the store has been cleared")]
     Cleared,
@@ -124,6 +131,45 @@ pub(crate) fn flock_polled(
                     source: errno.into(),
                 })
             }
+        }
+    }
+}
+
+/// The small runtime a backend over an async client (keyring, etcd) runs its calls on, so
+/// that its synchronous methods can be called from any worker thread. Dropped, it shuts
+/// down in the background: a backend may be dropped on an async thread, where dropping a
+/// runtime the ordinary way would panic.
+pub(crate) struct PrivateRuntime(Option<tokio::runtime::Runtime>);
+
+impl PrivateRuntime {
+    /// A one-worker runtime whose threads are called `name`.
+    pub(crate) fn start(name: &str) -> Result<PrivateRuntime, StoreError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .map(|rt| PrivateRuntime(Some(rt)))
+            .map_err(|e| StoreError::Io {
+                op: "start a runtime",
+                path: PathBuf::new(),
+                source: e,
+            })
+    }
+}
+
+impl std::ops::Deref for PrivateRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime lives until drop")
+    }
+}
+
+impl Drop for PrivateRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
         }
     }
 }

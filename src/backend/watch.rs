@@ -50,6 +50,9 @@ struct State {
     /// When the cache last started over.
     since: Instant,
     enabled: bool,
+    /// False while whatever keeps the cache honest is not running (the etcd store's watch
+    /// between an error and its re-establishment): nothing is answered or filled.
+    live: bool,
     /// provider → bucket → what the file held.
     tokens: HashMap<String, HashMap<String, Option<ServedToken>>>,
     keys: HashMap<String, Option<Secret>>,
@@ -65,6 +68,7 @@ impl State {
             generation: 0,
             since: Instant::now(),
             enabled: true,
+            live: true,
             tokens: HashMap::new(),
             keys: HashMap::new(),
         }
@@ -138,6 +142,39 @@ impl ReadCache {
         Some(ReadCache { state, stop })
     }
 
+    /// A cache with no watcher of its own: whoever creates it keeps it honest, calling
+    /// [`ReadCache::invalidate`] on every change and [`ReadCache::suspend`] while it
+    /// cannot see changes (the etcd store's watch). It starts suspended.
+    pub fn detached() -> ReadCache {
+        let mut state = State::new();
+        state.live = false;
+        ReadCache {
+            state: Arc::new(Mutex::new(state)),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Drops everything and answers nothing until [`ReadCache::resume`]: changes can no
+    /// longer be seen.
+    pub fn suspend(&self) {
+        let mut state = self.lock();
+        state.invalidate();
+        state.live = false;
+    }
+
+    /// Answers again after [`ReadCache::suspend`] (from empty; a read begun while suspended
+    /// is not cached). No effect after [`ReadCache::shutdown`].
+    pub fn resume(&self) {
+        let mut state = self.lock();
+        state.invalidate();
+        state.live = true;
+    }
+
+    /// True once [`ReadCache::shutdown`] has run: a watcher of a detached cache ends.
+    pub fn is_shut_down(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -151,7 +188,7 @@ impl ReadCache {
     pub fn token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {
         let mut state = self.lock();
         state.expire();
-        if !state.enabled {
+        if !(state.enabled && state.live) {
             return None;
         }
         state.tokens.get(provider)?.get(bucket).cloned()
@@ -166,7 +203,7 @@ impl ReadCache {
         value: &Option<ServedToken>,
     ) {
         let mut state = self.lock();
-        if !state.enabled || state.generation != generation {
+        if !(state.enabled && state.live) || state.generation != generation {
             return;
         }
         if state.entries() >= MAX_ENTRIES {
@@ -184,7 +221,7 @@ impl ReadCache {
     pub fn key(&self, name: &str) -> Option<Option<Secret>> {
         let mut state = self.lock();
         state.expire();
-        if !state.enabled {
+        if !(state.enabled && state.live) {
             return None;
         }
         state.keys.get(name).cloned()
@@ -193,7 +230,7 @@ impl ReadCache {
     /// Caches a key read that started at `generation`, unless anything changed since.
     pub fn fill_key(&self, generation: u64, name: &str, value: &Option<Secret>) {
         let mut state = self.lock();
-        if !state.enabled || state.generation != generation {
+        if !(state.enabled && state.live) || state.generation != generation {
             return;
         }
         if state.entries() >= MAX_ENTRIES {

@@ -9,8 +9,11 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::Failure;
+use crate::backend::etcd::{EtcdOptions, DEFAULT_LOCK_TTL};
+use crate::backend::seal::DataKey;
 use crate::backend::url::StoreUrl;
-use crate::backend::{Backend, FileBackend, KeyringBackend};
+use crate::backend::{Backend, EtcdBackend, FileBackend, KeyringBackend};
+use crate::secret::Secret;
 
 /// `--store STORE` and the options to reach it.
 #[derive(Args, Debug, Clone)]
@@ -50,6 +53,10 @@ pub struct StoreAccess {
     /// A file holding the etcd user's password (first line)
     #[arg(long, value_name = "FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+    /// The refresh lock's lease TTL on an etcd store (not an option: the longest refresh
+    /// plus a margin, see [`DEFAULT_LOCK_TTL`]).
+    #[arg(skip)]
+    pub lock_ttl: Option<std::time::Duration>,
 }
 
 /// Opens the store named by `--store` (the default directory without one), as the host's
@@ -110,10 +117,69 @@ pub fn open_url(
             KeyringBackend::open(Some(service))
                 .map_err(|e| Failure::new(format!("cannot open the keyring store: {e}")))?,
         )),
-        StoreUrl::Etcd { .. } => Err(Failure::usage(
-            "the etcd store is not available yet: use --store DIR or --store keyring:".to_owned(),
-        )),
+        StoreUrl::Etcd { endpoints, prefix } => {
+            let options = etcd_options(endpoints, prefix, access, cached)?;
+            Ok(Arc::new(EtcdBackend::open(options).map_err(|e| {
+                Failure::new(format!("cannot open the etcd store: {e}"))
+            })?))
+        }
     }
+}
+
+/// Gathers what an etcd store needs: the data key (required), TLS files, the user and
+/// the password from its file.
+fn etcd_options(
+    endpoints: &[String],
+    prefix: &str,
+    access: &StoreAccess,
+    cached: bool,
+) -> Result<EtcdOptions, Failure> {
+    let key_file = access.store_key.as_ref().ok_or_else(|| {
+        Failure::usage(
+            "an etcd store needs its data key: --store-key FILE (32 random bytes, 0600; make \
+             one with `credproxy store new-key FILE` and give every host the same file)"
+                .to_owned(),
+        )
+    })?;
+    let data_key = DataKey::load(key_file).map_err(|e| Failure::new(e.to_string()))?;
+    let user = match (&access.etcd_user, &access.etcd_password_file) {
+        (Some(user), Some(file)) => Some((user.clone(), read_password(file)?)),
+        _ => None,
+    };
+    Ok(EtcdOptions {
+        endpoints: endpoints.to_vec(),
+        prefix: prefix.to_owned(),
+        data_key,
+        ca: access.etcd_ca.clone(),
+        client_cert: access.etcd_cert.clone().zip(access.etcd_key.clone()),
+        user,
+        cached,
+        lock_ttl: access.lock_ttl.unwrap_or(DEFAULT_LOCK_TTL),
+    })
+}
+
+/// The first line of `--etcd-password-file`, which must not be readable by group or
+/// others (a password kept in a world-readable file is no longer a secret).
+fn read_password(path: &std::path::Path) -> Result<Secret, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::new(format!("--etcd-password-file {shown}: {e}")))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(Failure::new(format!(
+            "--etcd-password-file {shown}: readable by group or others; chmod 600 it"
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(format!("--etcd-password-file {shown}: {e}")))?;
+    let text = zeroize::Zeroizing::new(text);
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(Failure::new(format!(
+            "--etcd-password-file {shown}: the first line (the password) is empty"
+        )));
+    }
+    Ok(Secret::new(line.to_owned()))
 }
 
 /// The etcd options mean nothing to a directory or keyring store: say so rather than
