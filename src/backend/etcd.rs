@@ -160,6 +160,38 @@ fn rpc_err(what: &str, e: etcd_client::Error) -> StoreError {
     etcd_err(format!("{what}: {text}"))
 }
 
+/// How often an RPC refused as `Unavailable` (no connection to the member it went to, no
+/// leader yet) is sent again, after pauses of 50, 100, 200, 400 and 800 ms: the client
+/// balances over the members and reconnects in the background, so a member just down or
+/// just back costs a retry, not an error, while a cluster that is down altogether still
+/// fails in about 1.5 s.
+const UNAVAILABLE_RETRIES: u32 = 5;
+
+/// Runs `rpc` (on a clone of `client`), again while it fails with `Unavailable`, at most
+/// [`UNAVAILABLE_RETRIES`] more times. Every write sent through it is idempotent or a
+/// compare-and-swap, so a retried request that did land the first time changes nothing
+/// more (a lost compare is read and decided again).
+async fn retry<T, F, Fut>(client: &Client, mut rpc: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut pause = Duration::from_millis(50);
+    let mut tries = 0;
+    loop {
+        match rpc(client.clone()).await {
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status.code() == tonic::Code::Unavailable && tries < UNAVAILABLE_RETRIES =>
+            {
+                tries += 1;
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Reads a PEM file named by an option, with a message naming the option.
 fn read_pem(option: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, StoreError> {
     std::fs::read(path)
@@ -351,10 +383,15 @@ impl EtcdBackend {
             self.token_key(provider, bucket),
             self.state_key(provider, bucket),
         );
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         self.call("read", async move {
             let txn = Txn::new().and_then([TxnOp::get(tk, None), TxnOp::get(sk, None)]);
-            let resp = client.txn(txn).await.map_err(|e| rpc_err("read", e))?;
+            let resp = retry(&client, |mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map_err(|e| rpc_err("read", e))?;
             let mut ops = resp.op_responses().into_iter();
             Ok((take_get(ops.next()), take_get(ops.next())))
         })
@@ -397,10 +434,15 @@ impl EtcdBackend {
             Compare::mod_revision(tk, CompareOp::Equal, read.0.rev),
             Compare::mod_revision(sk, CompareOp::Equal, read.1.rev),
         ];
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let won = self.call("write", async move {
             let txn = Txn::new().when(compares).and_then(ops);
-            let resp = client.txn(txn).await.map_err(|e| rpc_err("write", e))?;
+            let resp = retry(&client, |mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map_err(|e| rpc_err("write", e))?;
             Ok(resp.succeeded())
         })?;
         if won {
@@ -432,10 +474,15 @@ impl EtcdBackend {
 
     fn read_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
         let key = self.token_key(provider, bucket);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let k = key.clone();
         let value = self.call("read", async move {
-            let mut resp = client.get(k, None).await.map_err(|e| rpc_err("read", e))?;
+            let mut resp = retry(&client, |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await
+            .map_err(|e| rpc_err("read", e))?;
             Ok(resp
                 .take_kvs()
                 .into_iter()
@@ -447,10 +494,15 @@ impl EtcdBackend {
 
     fn read_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         let key = self.api_key(name);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let k = key.clone();
         let value = self.call("read", async move {
-            let mut resp = client.get(k, None).await.map_err(|e| rpc_err("read", e))?;
+            let mut resp = retry(&client, |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await
+            .map_err(|e| rpc_err("read", e))?;
             Ok(resp
                 .take_kvs()
                 .into_iter()
@@ -472,13 +524,18 @@ impl EtcdBackend {
 
     /// The names one level below `dir` (`tokens/`, `tokens/<provider>/`, `keys/`), sorted.
     fn names_below(&self, dir: String, depth: usize) -> Result<Vec<String>, StoreError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let d = dir.clone();
         let keys = self.call("list", async move {
-            let resp = client
-                .get(d, Some(GetOptions::new().with_prefix().with_keys_only()))
-                .await
-                .map_err(|e| rpc_err("list", e))?;
+            let resp = retry(&client, |mut c| {
+                let d = d.clone();
+                async move {
+                    c.get(d, Some(GetOptions::new().with_prefix().with_keys_only()))
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| rpc_err("list", e))?;
             Ok(resp
                 .kvs()
                 .iter()
@@ -501,14 +558,19 @@ impl EtcdBackend {
         const MARKER: &[u8] = b"credproxy data key check v1";
         let key = format!("{}meta/key-check", self.root);
         let sealed = self.seal_value(&key, MARKER)?;
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let k = key.clone();
         let stored = self.call("open", async move {
             let txn = Txn::new()
                 .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(k.clone(), sealed, None)])
                 .or_else([TxnOp::get(k, None)]);
-            let resp = client.txn(txn).await.map_err(|e| rpc_err("open", e))?;
+            let resp = retry(&client, |mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map_err(|e| rpc_err("open", e))?;
             if resp.succeeded() {
                 return Ok(None);
             }
@@ -705,13 +767,18 @@ impl Backend for EtcdBackend {
             self.token_key(provider, bucket),
             self.state_key(provider, bucket),
         );
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let removed = self.call("remove", async move {
             let txn = Txn::new().and_then([
                 TxnOp::delete(tk, None::<DeleteOptions>),
                 TxnOp::delete(sk, None::<DeleteOptions>),
             ]);
-            let resp = client.txn(txn).await.map_err(|e| rpc_err("remove", e))?;
+            let resp = retry(&client, |mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map_err(|e| rpc_err("remove", e))?;
             Ok(matches!(
                 resp.op_responses().first(),
                 Some(TxnOpResponse::Delete(d)) if d.deleted() > 0
@@ -748,12 +815,14 @@ impl Backend for EtcdBackend {
         check(NameKind::Key, name)?;
         let k = self.api_key(name);
         let sealed = self.seal_value(&k, key.expose().as_bytes())?;
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         self.call("write", async move {
-            client
-                .put(k, sealed, None)
-                .await
-                .map_err(|e| rpc_err("write", e))?;
+            retry(&client, |mut c| {
+                let (k, v) = (k.clone(), sealed.clone());
+                async move { c.put(k, v, None).await }
+            })
+            .await
+            .map_err(|e| rpc_err("write", e))?;
             Ok(())
         })?;
         self.invalidate();
@@ -763,12 +832,14 @@ impl Backend for EtcdBackend {
     fn remove_key(&self, name: &str) -> Result<bool, StoreError> {
         check(NameKind::Key, name)?;
         let k = self.api_key(name);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let removed = self.call("remove", async move {
-            let resp = client
-                .delete(k, None)
-                .await
-                .map_err(|e| rpc_err("remove", e))?;
+            let resp = retry(&client, |mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await
+            .map_err(|e| rpc_err("remove", e))?;
             Ok(resp.deleted() > 0)
         })?;
         self.invalidate();
@@ -788,18 +859,28 @@ impl Backend for EtcdBackend {
         check(NameKind::Bucket, bucket)?;
         let name = format!("{}locks/{provider}/{bucket}", self.root);
         let ttl = self.lock_ttl.as_secs().max(2) as i64;
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let handle = self.rt.handle().clone();
         let store = self.name.clone();
         self.call_within("refresh lock", LOCK_WAIT + OP_TIMEOUT, async move {
-            let lease = tokio::time::timeout(OP_TIMEOUT, client.lease_grant(ttl, None))
+            let grant = retry(
+                &client,
+                |mut c| async move { c.lease_grant(ttl, None).await },
+            );
+            let lease = tokio::time::timeout(OP_TIMEOUT, grant)
                 .await
                 .map_err(|_| etcd_err(format!("{store}: lease grant got no answer")))?
                 .map_err(|e| rpc_err("lease grant", e))?
                 .id();
             let locked = tokio::time::timeout(
                 LOCK_WAIT,
-                client.lock(name, Some(LockOptions::new().with_lease(lease))),
+                retry(&client, |mut c| {
+                    let name = name.clone();
+                    async move {
+                        c.lock(name, Some(LockOptions::new().with_lease(lease)))
+                            .await
+                    }
+                }),
             )
             .await;
             match locked {
@@ -831,10 +912,15 @@ impl Backend for EtcdBackend {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
         let sk = self.state_key(provider, bucket);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let k = sk.clone();
         let bytes = self.call("read", async move {
-            let mut resp = client.get(k, None).await.map_err(|e| rpc_err("read", e))?;
+            let mut resp = retry(&client, |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await
+            .map_err(|e| rpc_err("read", e))?;
             Ok(resp
                 .take_kvs()
                 .into_iter()
