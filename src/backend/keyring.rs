@@ -150,6 +150,44 @@ impl KeyringBackend {
         })
     }
 
+    /// The data key of a shared (etcd) store kept in this keyring (`--store-key
+    /// keyring:SERVICE`): the item `kind=datakey` of the service, 64 hex characters.
+    /// `None` when there is none.
+    pub fn data_key(&self) -> Result<Option<super::seal::DataKey>, StoreError> {
+        let Some(mut bytes) = self.read(self.attrs("datakey"))? else {
+            return Ok(None);
+        };
+        let key = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(super::seal::DataKey::from_hex);
+        bytes.zeroize();
+        key.map(Some).ok_or_else(|| {
+            keyring_err(format!(
+                "the data key item of service {} is not 64 hex characters",
+                self.service
+            ))
+        })
+    }
+
+    /// Stores `key` as this service's data key; refused (nothing written) when the
+    /// service already has one, so a key that sealed a store is never overwritten.
+    pub fn create_data_key(&self, key: &super::seal::DataKey) -> Result<(), StoreError> {
+        let _lock = self.store_lock()?;
+        if self.read(self.attrs("datakey"))?.is_some() {
+            return Err(keyring_err(format!(
+                "service {} already has a data key; it is kept (remove it with \
+                 secret-tool clear application credproxy service {} kind datakey only if \
+                 no store is sealed with it)",
+                self.service, self.service
+            )));
+        }
+        self.write(
+            format!("credproxy {}: data key", self.service),
+            self.attrs("datakey"),
+            key.to_hex().as_bytes().to_vec(),
+        )
+    }
+
     /// The service name whose items this store holds.
     pub fn service(&self) -> &str {
         &self.service

@@ -28,6 +28,8 @@ pub const VERSION: u8 = 1;
 /// Bytes in a data key.
 pub const KEY_LEN: usize = 32;
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Bytes a sealed value adds to its plaintext: the version, the nonce and the tag.
 pub const OVERHEAD: usize = 1 + NONCE_LEN + 16;
 
@@ -121,6 +123,32 @@ impl DataKey {
         file.read_exact(&mut bytes[..])
             .map_err(|e| refuse(format!("cannot read it ({e})")))?;
         Ok(DataKey(bytes))
+    }
+
+    /// The key as 64 lowercase hex characters, for a store that keeps text (the OS
+    /// keyring); wiped when dropped.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::with_capacity(KEY_LEN * 2));
+        for b in self.0.iter() {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+        out
+    }
+
+    /// A key from 64 hex characters (either case, surrounding white space ignored);
+    /// `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<DataKey> {
+        let text = text.trim().as_bytes();
+        if text.len() != KEY_LEN * 2 {
+            return None;
+        }
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        for (i, pair) in text.chunks_exact(2).enumerate() {
+            bytes[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Some(DataKey(bytes))
     }
 
     fn aead(&self) -> LessSafeKey {
@@ -266,5 +294,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("\u{7}"), "{e}");
+    }
+
+    #[test]
+    fn hex_round_trip_and_refusals() {
+        let key = DataKey::generate().expect("key");
+        let hex = key.to_hex();
+        assert_eq!(hex.len(), 64);
+        let back = DataKey::from_hex(&format!(" {}\n", hex.to_uppercase())).expect("parse");
+        let sealed = key.seal("/p/tokens/a/b", b"x").expect("seal");
+        assert_eq!(
+            &back.open("/p/tokens/a/b", &sealed).expect("open")[..],
+            b"x"
+        );
+        assert!(DataKey::from_hex(&hex[..63]).is_none());
+        assert!(DataKey::from_hex(&format!("{}g", &hex[..63])).is_none());
+        assert!(format!("{back:?}").contains("redacted"));
     }
 }

@@ -34,9 +34,9 @@ pub struct StoreArg {
 #[derive(Args, Debug, Clone, Default)]
 pub struct StoreAccess {
     /// The data key of an etcd store: a file of exactly 32 random bytes, 0600, owned by
-    /// you (make one with `credproxy store new-key FILE`); every host of a fleet uses the
-    /// same key
-    #[arg(long, value_name = "FILE")]
+    /// you, or keyring:[SERVICE] for one kept in the OS keyring (make either with
+    /// `credproxy store new-key FILE|keyring:`); every host of a fleet uses the same key
+    #[arg(long, value_name = "FILE|keyring:")]
     pub store_key: Option<PathBuf>,
     /// etcd over TLS: the CA certificate (PEM) that signed the members' certificates
     #[arg(long, value_name = "FILE")]
@@ -141,7 +141,7 @@ fn etcd_options(
                 .to_owned(),
         )
     })?;
-    let data_key = DataKey::load(key_file).map_err(|e| Failure::new(e.to_string()))?;
+    let data_key = load_data_key(key_file)?;
     let user = match (&access.etcd_user, &access.etcd_password_file) {
         (Some(user), Some(file)) => Some((user.clone(), read_password(file)?)),
         _ => None,
@@ -156,6 +156,29 @@ fn etcd_options(
         cached,
         lock_ttl: access.lock_ttl.unwrap_or(DEFAULT_LOCK_TTL),
     })
+}
+
+/// `--store-key`: a key file, or `keyring:[SERVICE]` for the data key kept in the OS
+/// keyring (`credproxy store new-key keyring:` makes one).
+pub fn load_data_key(value: &std::path::Path) -> Result<DataKey, Failure> {
+    if let Some(service) = value.to_str().and_then(|v| v.strip_prefix("keyring:")) {
+        let service = (!service.is_empty()).then_some(service);
+        let keyring = KeyringBackend::open(service)
+            .map_err(|e| Failure::new(format!("--store-key {}: {e}", value.display())))?;
+        return keyring
+            .data_key()
+            .map_err(|e| Failure::new(format!("--store-key {}: {e}", value.display())))?
+            .ok_or_else(|| {
+                Failure::new(format!(
+                    "--store-key {}: the keyring holds no data key for service {}; make one \
+                     with `credproxy store new-key {}` (or use a key file)",
+                    value.display(),
+                    keyring.service(),
+                    value.display()
+                ))
+            });
+    }
+    DataKey::load(value).map_err(|e| Failure::new(e.to_string()))
 }
 
 /// The first line of `--etcd-password-file`, which must not be readable by group or
