@@ -136,3 +136,42 @@ kill -CONT "$pid"
         .expect("timing");
     assert!((4500..12_000).contains(&ms), "took {ms} ms");
 }
+
+/// The keyring daemon restarted under a running server: the server's kept Secret Service
+/// session is broken, and the next request is answered all the same (the backend drops
+/// the session and tries once more on a fresh one), with no restart of the server.
+#[test]
+fn a_restarted_daemon_is_reconnected_to() {
+    let script = format!(
+        r#"set -u
+S=keyring:credproxy-restart
+echo '{{"access_token":"{ACCESS}","refresh_token":"{REFRESH}","expiry":4102444800,"token_type":"Bearer"}}' \
+  | "$BIN" store token set anthropic --store $S
+out=$(mktemp)
+"$BIN" serve --store $S --allow-all >"$out" 2>/dev/null &
+serve=$!
+for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
+export $(head -1 "$out")
+"$BIN" token get anthropic >/dev/null; echo "before=$?"
+owner() {{ dbus-send --session --print-reply --dest=org.freedesktop.DBus /org/freedesktop/DBus \
+  org.freedesktop.DBus.GetConnectionUnixProcessID string:org.freedesktop.secrets 2>/dev/null | awk '/uint32/ {{print $2}}'; }}
+pid=$(owner)
+kill "$pid"
+for _ in $(seq 100); do [ -z "$(owner)" ] && break; sleep 0.05; done
+printf 'ci-keyring' | gnome-keyring-daemon --unlock --components=secrets >/dev/null
+for _ in $(seq 100); do [ -n "$(owner)" ] && break; sleep 0.05; done
+[ "$(owner)" != "$pid" ] && echo "restarted"
+"$BIN" token get anthropic; echo "after=$?"
+kill "$serve"; wait "$serve"
+"#
+    );
+    let Some((out, err, _)) = in_keyring_session(&script) else {
+        return;
+    };
+    assert!(out.contains("before=0"), "{out}\n{err}");
+    assert!(out.contains("restarted"), "{out}\n{err}");
+    assert!(out.contains("after=0"), "{out}\n{err}");
+    assert!(out.contains(ACCESS), "the token was served: {out}");
+    assert!(!out.contains(REFRESH), "{out}");
+    assert_no_secret(&err);
+}

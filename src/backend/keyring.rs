@@ -46,6 +46,12 @@ const REFRESH_LOCK_WAIT: Duration = Duration::from_secs(50);
 /// The service name used by `--store keyring:` without one.
 pub const DEFAULT_SERVICE: &str = "credproxy";
 
+/// How a locked-keyring error starts (it is not retried).
+const LOCKED: &str = "the keyring is locked";
+
+/// How a timed-out call's error starts (it is not retried).
+const TIMED_OUT: &str = "the Secret Service did not answer within";
+
 /// What to do, appended to every locked or unreachable keyring error.
 const WHAT_TO_DO: &str = "unlock the keyring (log in to the desktop session or run gnome-keyring-daemon --unlock), or use --store DIR";
 
@@ -55,6 +61,8 @@ pub struct KeyringBackend {
     /// A private runtime: zbus spawns its reader task on the runtime it connects from, and
     /// calls come from worker threads that must not be inside another runtime.
     rt: super::PrivateRuntime,
+    /// The Secret Service session, kept between calls.
+    conn: ops::Conn,
     lock_dir: PathBuf,
 }
 
@@ -146,6 +154,7 @@ impl KeyringBackend {
         Ok(KeyringBackend {
             service: service.to_owned(),
             rt,
+            conn: ops::Conn::default(),
             lock_dir: lock_dir()?,
         })
     }
@@ -224,7 +233,7 @@ impl KeyringBackend {
             let r = match tokio::time::timeout(CALL_TIMEOUT, op).await {
                 Ok(r) => r,
                 Err(_) => Err(keyring_err(format!(
-                    "the Secret Service did not answer within {} s (is the keyring daemon hung?); {WHAT_TO_DO}",
+                    "{TIMED_OUT} {} s (is the keyring daemon hung?); {WHAT_TO_DO}",
                     CALL_TIMEOUT.as_secs()
                 ))),
             };
@@ -233,7 +242,8 @@ impl KeyringBackend {
         rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(1))
             .unwrap_or_else(|_| {
                 Err(keyring_err(format!(
-                    "the keyring call timed out; {WHAT_TO_DO}"
+                    "{TIMED_OUT} {} s; {WHAT_TO_DO}",
+                    CALL_TIMEOUT.as_secs() + 1
                 )))
             })
     }
@@ -244,20 +254,49 @@ impl KeyringBackend {
         flock(&path, REFRESH_LOCK_WAIT)
     }
 
+    /// Runs one keyring operation on the kept session; after a failure the session is
+    /// dropped, and an operation that failed on a session kept from before (the daemon
+    /// restarted, the bus connection broke) is tried once more on a fresh one. A locked
+    /// keyring or a timeout is not tried again.
+    fn op<T: Send + 'static, F>(&self, make: impl Fn(ops::Conn) -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let was_kept = self.conn.is_kept();
+        match self.call(make(self.conn.clone())) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.conn.reset();
+                let retry = was_kept
+                    && !matches!(&e, StoreError::Keyring(t) if t.starts_with(LOCKED) || t.starts_with(TIMED_OUT));
+                if retry {
+                    let again = self.call(make(self.conn.clone()));
+                    if again.is_err() {
+                        self.conn.reset();
+                    }
+                    again
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     fn read(&self, attrs: Attrs) -> Result<Option<Vec<u8>>, StoreError> {
-        self.call(ops::read(attrs))
+        self.op(|c| ops::read(c, attrs.clone()))
     }
 
     fn write(&self, label: String, attrs: Attrs, secret: Vec<u8>) -> Result<(), StoreError> {
-        self.call(ops::write(label, attrs, secret))
+        let secret = zeroize::Zeroizing::new(secret);
+        self.op(|c| ops::write(c, label.clone(), attrs.clone(), secret.to_vec()))
     }
 
     fn delete(&self, attrs: Attrs) -> Result<bool, StoreError> {
-        self.call(ops::delete(attrs))
+        self.op(|c| ops::delete(c, attrs.clone()))
     }
 
     fn names(&self, attrs: Attrs, field: &'static str) -> Result<Vec<String>, StoreError> {
-        let mut names = self.call(ops::attribute_values(attrs, field))?;
+        let mut names = self.op(|c| ops::attribute_values(c, attrs.clone(), field))?;
         names.sort();
         names.dedup();
         Ok(names)
@@ -471,6 +510,7 @@ impl Backend for KeyringBackend {
 mod ops {
     use super::*;
     use secret_service::{Collection, EncryptionType, SecretService};
+    use std::sync::{Arc, Mutex};
 
     fn map(attrs: &Attrs) -> HashMap<&str, &str> {
         attrs.iter().map(|(k, v)| (*k, v.as_str())).collect()
@@ -485,7 +525,7 @@ mod ops {
             secret_service::Error::Locked | secret_service::Error::Prompt
         ) || text.contains("IsLocked")
         {
-            keyring_err(format!("the keyring is locked; {WHAT_TO_DO}"))
+            keyring_err(format!("{LOCKED}; {WHAT_TO_DO}"))
         } else if text.contains("ServiceUnknown") || text.contains("NotFound") {
             keyring_err(format!(
                 "no Secret Service on the D-Bus session bus ({text}); {WHAT_TO_DO}"
@@ -502,17 +542,48 @@ mod ops {
             .map_err(err)
     }
 
+    /// The backend's Secret Service session, opened on first use and kept (a session is
+    /// a D-Bus connection and a Diffie-Hellman exchange: milliseconds that every call
+    /// would pay otherwise); dropped after any failure.
+    #[derive(Clone, Default)]
+    pub(crate) struct Conn(Arc<Mutex<Option<Arc<SecretService<'static>>>>>);
+
+    impl Conn {
+        fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<SecretService<'static>>>> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        async fn get(&self) -> Result<Arc<SecretService<'static>>, StoreError> {
+            if let Some(ss) = self.slot().clone() {
+                return Ok(ss);
+            }
+            let ss = Arc::new(connect().await?);
+            *self.slot() = Some(Arc::clone(&ss));
+            Ok(ss)
+        }
+
+        /// True when a session is kept from an earlier call.
+        pub(super) fn is_kept(&self) -> bool {
+            self.slot().is_some()
+        }
+
+        /// Drops the kept session.
+        pub(super) fn reset(&self) {
+            *self.slot() = None;
+        }
+    }
+
     /// The default collection, refused (never unlocked: that would prompt) when locked.
     async fn unlocked<'s>(ss: &'s SecretService<'_>) -> Result<Collection<'s>, StoreError> {
         let coll = ss.get_default_collection().await.map_err(err)?;
         if coll.is_locked().await.map_err(err)? {
-            return Err(keyring_err(format!("the keyring is locked; {WHAT_TO_DO}")));
+            return Err(keyring_err(format!("{LOCKED}; {WHAT_TO_DO}")));
         }
         Ok(coll)
     }
 
-    pub(super) async fn read(attrs: Attrs) -> Result<Option<Vec<u8>>, StoreError> {
-        let ss = connect().await?;
+    pub(super) async fn read(conn: Conn, attrs: Attrs) -> Result<Option<Vec<u8>>, StoreError> {
+        let ss = conn.get().await?;
         let coll = unlocked(&ss).await?;
         let items = coll.search_items(map(&attrs)).await.map_err(err)?;
         match items.first() {
@@ -522,12 +593,13 @@ mod ops {
     }
 
     pub(super) async fn write(
+        conn: Conn,
         label: String,
         attrs: Attrs,
         mut secret: Vec<u8>,
     ) -> Result<(), StoreError> {
         let r = async {
-            let ss = connect().await?;
+            let ss = conn.get().await?;
             let coll = unlocked(&ss).await?;
             coll.create_item(&label, map(&attrs), &secret, true, "text/plain")
                 .await
@@ -539,8 +611,8 @@ mod ops {
         r
     }
 
-    pub(super) async fn delete(attrs: Attrs) -> Result<bool, StoreError> {
-        let ss = connect().await?;
+    pub(super) async fn delete(conn: Conn, attrs: Attrs) -> Result<bool, StoreError> {
+        let ss = conn.get().await?;
         let coll = unlocked(&ss).await?;
         let items = coll.search_items(map(&attrs)).await.map_err(err)?;
         for item in &items {
@@ -550,10 +622,11 @@ mod ops {
     }
 
     pub(super) async fn attribute_values(
+        conn: Conn,
         attrs: Attrs,
         field: &'static str,
     ) -> Result<Vec<String>, StoreError> {
-        let ss = connect().await?;
+        let ss = conn.get().await?;
         let coll = unlocked(&ss).await?;
         let items = coll.search_items(map(&attrs)).await.map_err(err)?;
         let mut out = Vec::with_capacity(items.len());
@@ -576,16 +649,26 @@ mod ops {
             "the OS keyring store is not supported on this platform yet",
         ))
     }
-    pub(super) async fn read(_: Attrs) -> Result<Option<Vec<u8>>, StoreError> {
+    /// No session elsewhere.
+    #[derive(Clone, Default)]
+    pub(crate) struct Conn;
+    impl Conn {
+        pub(super) fn is_kept(&self) -> bool {
+            false
+        }
+        pub(super) fn reset(&self) {}
+    }
+    pub(super) async fn read(_: Conn, _: Attrs) -> Result<Option<Vec<u8>>, StoreError> {
         unsupported()
     }
-    pub(super) async fn write(_: String, _: Attrs, _: Vec<u8>) -> Result<(), StoreError> {
+    pub(super) async fn write(_: Conn, _: String, _: Attrs, _: Vec<u8>) -> Result<(), StoreError> {
         unsupported()
     }
-    pub(super) async fn delete(_: Attrs) -> Result<bool, StoreError> {
+    pub(super) async fn delete(_: Conn, _: Attrs) -> Result<bool, StoreError> {
         unsupported()
     }
     pub(super) async fn attribute_values(
+        _: Conn,
         _: Attrs,
         _: &'static str,
     ) -> Result<Vec<String>, StoreError> {
