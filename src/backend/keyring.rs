@@ -109,6 +109,12 @@ fn lock_dir() -> Result<PathBuf, StoreError> {
             reason: "not a directory of ours closed to group and others; remove it".into(),
         });
     }
+    // As the socket and file store directories: no other non-root uid may control a
+    // directory above it (and so swap the lock directory for one of theirs).
+    crate::trust::check_ancestors(&dir).map_err(|reason| StoreError::Untrusted {
+        path: dir.clone(),
+        reason,
+    })?;
     Ok(dir)
 }
 
