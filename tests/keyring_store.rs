@@ -175,3 +175,47 @@ kill "$serve"; wait "$serve"
     assert!(!out.contains(REFRESH), "{out}");
     assert_no_secret(&err);
 }
+
+/// A server over the keyring store, logging at trace level, through gets, a save from
+/// the sandbox, a key read and then a locked keyring (errors logged): no access token,
+/// refresh token or API key in its log, and the locked keyring is logged as such.
+#[test]
+fn a_server_on_the_keyring_logs_no_secret() {
+    let script = format!(
+        r#"set -u
+S=keyring:credproxy-logs
+echo '{{"access_token":"{ACCESS}","refresh_token":"{REFRESH}","expiry":4102444800,"token_type":"Bearer"}}' \
+  | "$BIN" store token set anthropic --store $S
+printf 'KEY-CANARY-kr-55aa' | "$BIN" store key set openai --store $S
+out=$(mktemp); log=$(mktemp)
+RUST_LOG=trace "$BIN" serve --store $S --allow-all >"$out" 2>"$log" &
+serve=$!
+for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
+export $(head -1 "$out")
+"$BIN" token get anthropic >/dev/null; echo "get=$?"
+echo '{{"access_token":"AT-CANARY-kr-save","expiry":4102444800,"token_type":"Bearer"}}' | "$BIN" token save anthropic; echo "save=$?"
+"$BIN" key get openai >/dev/null; echo "key=$?"
+dbus-send --session --print-reply --dest=org.freedesktop.secrets /org/freedesktop/secrets \
+  org.freedesktop.Secret.Service.Lock array:objpath:/org/freedesktop/secrets/collection/login >/dev/null
+"$BIN" token get anthropic >/dev/null 2>&1; echo "locked=$?"
+kill "$serve"; wait "$serve"
+echo LOG; cat "$log"
+"#
+    );
+    let Some((out, err, _)) = in_keyring_session(&script) else {
+        return;
+    };
+    assert!(out.contains("get=0"), "{out}\n{err}");
+    assert!(out.contains("save=0"), "{out}\n{err}");
+    assert!(out.contains("key=0"), "{out}\n{err}");
+    assert!(
+        out.contains("locked=5"),
+        "INTERNAL_ERROR when locked: {out}\n{err}"
+    );
+    let log = out.split("LOG\n").nth(1).expect("log");
+    assert!(log.contains("the keyring is locked"), "{log}");
+    for canary in [ACCESS, REFRESH, "AT-CANARY-kr-save", "KEY-CANARY-kr-55aa"] {
+        assert!(!log.contains(canary), "{canary} in the log: {log}");
+        assert!(!err.contains(canary), "{canary} in stderr");
+    }
+}
