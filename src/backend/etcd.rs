@@ -149,15 +149,45 @@ fn etcd_err(text: impl Into<String>) -> StoreError {
 }
 
 /// An etcd client error as a store error: the gRPC status's message (etcd's own words,
-/// which never echo a value) or the transport's.
+/// which never echo a value) or the transport's, with the causes below it (a TLS or
+/// connection failure is only named there), and a hint for the usual mistakes.
 fn rpc_err(what: &str, e: etcd_client::Error) -> StoreError {
-    let text = match &e {
+    let mut text = match &e {
         etcd_client::Error::GRpcStatus(status) => {
             format!("{:?}: {}", status.code(), status.message())
         }
         other => other.to_string(),
     };
-    etcd_err(format!("{what}: {text}"))
+    let mut cause = match &e {
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+        etcd_client::Error::TransportError(t) => std::error::Error::source(t),
+        other => std::error::Error::source(other),
+    };
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    let hint = if text.contains("UnknownIssuer") || text.contains("certificate") {
+        "; check --etcd-ca (the CA that signed the members' certificates, which need a \
+         subjectAltName for the address given) and --etcd-cert/--etcd-key"
+    } else if text.contains("permission denied") {
+        "; the etcd user (or the client certificate's CN) needs readwrite on the prefix"
+    } else if text.contains("authentication failed") || text.contains("invalid auth token") {
+        "; check --etcd-user and --etcd-password-file"
+    } else if text.contains("user name is empty") || text.contains("Unauthenticated") {
+        "; the cluster has authentication on: give --etcd-user and --etcd-password-file, or a \
+         client certificate"
+    } else if text.contains("transport error") {
+        "; if the cluster speaks TLS, give --etcd-ca (and --etcd-cert/--etcd-key if it \
+         requires client certificates)"
+    } else {
+        ""
+    };
+    etcd_err(format!("{what}: {text}{hint}"))
 }
 
 /// How often an RPC refused as `Unavailable` (no connection to the member it went to, no
