@@ -52,7 +52,7 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>, uid: u32) -> Command {
 
 /// A copy of the `credproxy` binary that any uid can execute. The build directory may sit
 /// under a path other uids cannot traverse (a CI clone under a 0700 home), so the binary
-/// is copied once per test process into a 0755 directory.
+/// is linked (or copied) once per test process into a 0755 directory.
 pub fn binary() -> &'static Path {
     static COPY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = COPY.get_or_init(|| {
@@ -62,7 +62,11 @@ pub fn binary() -> &'static Path {
             .expect("tempdir for the binary");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         let path = dir.path().join("credproxy");
-        fs::copy(BIN, &path).expect("copy the binary");
+        // A hard link where it can be (the same file system): the directory outlives the
+        // test process (a static is never dropped), and a link leaves no copy behind.
+        if fs::hard_link(BIN, &path).is_err() {
+            fs::copy(BIN, &path).expect("copy the binary");
+        }
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
         (dir, path)
     });
