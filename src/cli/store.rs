@@ -87,7 +87,26 @@ pub enum StoreCommand {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Write a fresh random data key for an etcd store (--store-key FILE) to FILE: 32
+    /// bytes, mode 0600, a new file (an existing FILE is never overwritten)
+    #[command(after_help = NEW_KEY_HELP)]
+    NewKey {
+        /// The file to create
+        file: PathBuf,
+    },
 }
+
+/// The exit statuses of `credproxy store new-key`, shown by its `--help`.
+const NEW_KEY_HELP: &str = "\
+Every host of a fleet that shares an etcd store uses the same data key: copy the file to
+each over a safe channel (it stays 0600 and yours), and keep a backup where the store's
+operators cannot read it. Without it nothing in the store can be read again.
+
+Exit status:
+  0  written
+  1  cannot be written (the message says why); nothing is left behind
+  2  usage error
+  3  refused: FILE already exists (it is left as it is)";
 
 /// `credproxy store token ...`
 #[derive(Subcommand)]
@@ -251,9 +270,10 @@ fn now() -> u64 {
 }
 
 impl StoreCommand {
-    /// The `--store` and `--profile` of the command.
-    fn host(&self) -> &HostArgs {
-        match self {
+    /// The `--store` and `--profile` of the command; `None` for the commands without
+    /// them (`new-key` opens no store).
+    fn host(&self) -> Option<&HostArgs> {
+        Some(match self {
             StoreCommand::Token(cmd) => match cmd {
                 TokenCommand::Set { host, .. }
                 | TokenCommand::Remove { host, .. }
@@ -267,14 +287,16 @@ impl StoreCommand {
                 | KeyCommand::List { host } => host,
             },
             StoreCommand::Import { host, .. } => host,
-        }
+            StoreCommand::NewKey { .. } => return None,
+        })
     }
 }
 
 /// Runs a `credproxy store` command.
 pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
     // The profile first: a bad one is a usage error before anything is read or written.
-    let refresh = profile_refresh_config(&load_profile(cmd.host().profile.as_deref())?);
+    let profile = cmd.host().and_then(|h| h.profile.as_deref());
+    let refresh = profile_refresh_config(&load_profile(profile)?);
     let store_failed = |e: StoreError| Failure::new(format!("the store failed: {e}"));
     match cmd {
         StoreCommand::Token(TokenCommand::Set {
@@ -421,7 +443,45 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             bucket,
             host,
         }) => refresh_now(&provider, &bucket, &host, refresh)?,
+        StoreCommand::NewKey { file } => new_key(&file)?,
     }
+    Ok(())
+}
+
+/// `credproxy store new-key FILE`: a fresh data key in a new 0600 file, checked by loading
+/// it back as `--store-key` does.
+fn new_key(file: &std::path::Path) -> Result<(), Failure> {
+    use crate::backend::seal::{DataKey, KEY_LEN};
+    let key =
+        DataKey::generate().map_err(|e| Failure::new(format!("cannot make a data key: {e}")))?;
+    key.write_new(file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Failure::with_code(
+                format!(
+                    "{} already exists: new-key never overwrites a file (a data key replaced \
+                     is every value sealed with it lost); choose another name",
+                    file.display()
+                ),
+                exit::REFUSED,
+            )
+        } else {
+            Failure::new(format!(
+                "cannot write the data key to {}: {e}; nothing was left behind",
+                file.display()
+            ))
+        }
+    })?;
+    DataKey::load(file).map_err(|e| {
+        Failure::new(format!(
+            "wrote a data key, but it would not be accepted as --store-key: {e}"
+        ))
+    })?;
+    eprintln!(
+        "wrote a new data key to {} ({KEY_LEN} random bytes, mode 0600); pass it to an etcd \
+         store with --store-key, give every host of the fleet the same file, and keep a \
+         backup: without it the store cannot be read",
+        file.display()
+    );
     Ok(())
 }
 
