@@ -87,6 +87,10 @@ pub enum StoreCommand {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Copy every token (refresh token included) and API key from one store to another,
+    /// then read them back from the destination and compare; nothing is removed from
+    /// either store. Prints one summary line, never a secret
+    Migrate(super::migrate::MigrateArgs),
     /// Write a fresh random data key for an etcd store (--store-key FILE) to FILE: 32
     /// bytes, mode 0600, a new file (an existing FILE is never overwritten)
     #[command(after_help = NEW_KEY_HELP)]
@@ -271,7 +275,7 @@ fn now() -> u64 {
 
 impl StoreCommand {
     /// The `--store` and `--profile` of the command; `None` for the commands without
-    /// them (`new-key` opens no store).
+    /// them (`migrate` names two stores, `new-key` none).
     fn host(&self) -> Option<&HostArgs> {
         Some(match self {
             StoreCommand::Token(cmd) => match cmd {
@@ -287,7 +291,7 @@ impl StoreCommand {
                 | KeyCommand::List { host } => host,
             },
             StoreCommand::Import { host, .. } => host,
-            StoreCommand::NewKey { .. } => return None,
+            StoreCommand::Migrate(_) | StoreCommand::NewKey { .. } => return None,
         })
     }
 }
@@ -443,6 +447,7 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             bucket,
             host,
         }) => refresh_now(&provider, &bucket, &host, refresh)?,
+        StoreCommand::Migrate(args) => super::migrate::migrate(args)?,
         StoreCommand::NewKey { file } => new_key(&file)?,
     }
     Ok(())
