@@ -7,6 +7,10 @@
 //! see. `store token status` shows each token's expiry and refresh state, and
 //! `store token refresh` runs the servers' refresh procedure ([`FlowEnv::run`]) under the
 //! same bucket lock, so both are safe beside running servers (PROTOCOL.md §14).
+//!
+//! Two commands take no `--store`: `store migrate --from STORE --to STORE` (in
+//! [`super::migrate`]) copies one store into another, and `store new-key FILE` writes a
+//! data key for `--store-key`.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
