@@ -91,12 +91,16 @@ pub enum StoreCommand {
         #[command(flatten)]
         host: HostArgs,
     },
-    /// Copy every token (refresh token included) and API key from one store to another,
-    /// then read them back from the destination and compare; nothing is removed from
-    /// either store. Prints one summary line, never a secret
+    /// Copy every token and API key from one store to another, and verify the copy
+    ///
+    /// Copies every token (refresh token included) and API key from --from to --to, then
+    /// reads them back from the destination and compares; nothing is removed from either
+    /// store. Prints one summary line, never a secret.
     Migrate(super::migrate::MigrateArgs),
-    /// Write a fresh random data key for an etcd store (--store-key FILE) to FILE: 32
-    /// bytes, mode 0600, a new file (an existing FILE is never overwritten)
+    /// Write a fresh data key for an etcd store (--store-key) to a new file
+    ///
+    /// Writes 32 random bytes to FILE, created with mode 0600; an existing FILE is never
+    /// overwritten.
     #[command(after_help = NEW_KEY_HELP)]
     NewKey {
         /// The file to create
