@@ -613,6 +613,84 @@ mod tests {
         s.parse().expect("url")
     }
 
+    fn token(access: &str, refresh: &str) -> Token {
+        Token::from_value(serde_json::json!({
+            "access_token": access,
+            "refresh_token": refresh,
+            "expiry": 1_900_000_000u64,
+            "token_type": "Bearer",
+        }))
+        .expect("token")
+    }
+
+    /// The steps over the trait alone (memory stores): read, plan, copy with the mark,
+    /// verify, and a changed destination found by the verification.
+    #[test]
+    fn copy_and_verify_through_the_trait() {
+        use crate::backend::MemoryBackend;
+        let src = MemoryBackend::new();
+        let dst = MemoryBackend::new();
+        src.save_token("p", "a", &token("at1", "rt1"), SaveMode::Replace)
+            .expect("save");
+        src.save_token("p", "b", &token("at2", "rt2"), SaveMode::Replace)
+            .expect("save");
+        let mark = NeedsLogin {
+            since: 5,
+            status: 400,
+            code: Some("invalid_grant".into()),
+        };
+        src.finish_refresh("p", "b", &mut |_| RefreshWrite::NeedsLogin(mark.clone()))
+            .expect("mark");
+        src.set_key("k", &Secret::from("key")).expect("key");
+        dst.save_token("p", "a", &token("at1", "rt1"), SaveMode::Replace)
+            .expect("save");
+        dst.set_key("k", &Secret::from("other")).expect("key");
+
+        let (mut tokens, mut keys) = read_source(&src).expect("read");
+        plan(&dst, &mut tokens, &mut keys).expect("plan");
+        let plans: Vec<Plan> = tokens.iter().map(|t| t.plan).collect();
+        assert_eq!(plans, [Plan::Equal, Plan::New]);
+        assert_eq!(keys[0].plan, Plan::Differs);
+        assert_eq!(tokens[1].mark, Some(mark.clone()));
+
+        for t in tokens.iter().filter(|t| t.plan.writes()) {
+            copy_token(&dst, t).expect("copy");
+        }
+        dst.set_key("k", &keys[0].key).expect("key");
+        for t in &tokens {
+            assert_eq!(check_token(&dst, t).expect("check"), None, "{}", t.name());
+        }
+        assert_eq!(check_key(&dst, &keys[0]).expect("check"), None);
+        assert_eq!(
+            dst.refresh_state("p", "b").expect("state").needs_login,
+            Some(mark)
+        );
+        assert_eq!(
+            dst.get_token("p", "b")
+                .expect("get")
+                .expect("stored")
+                .refresh_token(),
+            Some("rt2")
+        );
+
+        // A refresh on the destination, or a save clearing the mark: both found.
+        dst.save_token("p", "b", &token("at2", "rt2"), SaveMode::Replace)
+            .expect("save");
+        assert_eq!(
+            check_token(&dst, &tokens[1]).expect("check"),
+            Some("a different needs-login mark")
+        );
+        dst.save_token("p", "a", &token("at1", "rotated"), SaveMode::Replace)
+            .expect("save");
+        assert_eq!(
+            check_token(&dst, &tokens[0]).expect("check"),
+            Some("a different token")
+        );
+        // The source is as it was.
+        let (again, _) = read_source(&src).expect("read");
+        assert!(again.iter().zip(&tokens).all(|(a, b)| a.token == b.token));
+    }
+
     #[test]
     fn the_same_store_however_it_is_written() {
         let tmp = tempfile::tempdir().expect("tempdir");
