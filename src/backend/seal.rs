@@ -151,6 +151,41 @@ impl DataKey {
         Some(DataKey(bytes))
     }
 
+    /// Writes this key to `path` as a new file that [`DataKey::load`] accepts: created
+    /// with `O_CREAT | O_EXCL` (an existing file, or a symlink, is never touched: the error
+    /// is [`std::io::ErrorKind::AlreadyExists`]), mode 0600, synced to disk (and its
+    /// directory entry, best effort). A file this call created but could not fill is removed, so a
+    /// failure never leaves a short key behind.
+    pub fn write_new(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(path)?;
+        // Exactly 0600 whatever the umask (a umask can only take bits away, and one that
+        // took the owner's would make a key its owner cannot read back).
+        let written = file
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| file.write_all(&self.0[..]))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        // The directory entry too, best effort: the file itself is complete and synced, and
+        // an error here must not report as unwritten a key that is there.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        Ok(())
+    }
+
     fn aead(&self) -> LessSafeKey {
         // 32 bytes is ChaCha20-Poly1305's key length, so this cannot fail.
         LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &self.0[..]).expect("a 32-byte key"))
@@ -259,6 +294,37 @@ mod tests {
             .open("fleet/tokens/anthropic/default", &sealed[..OVERHEAD - 1])
             .is_err());
         assert!(format!("{key:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn a_written_key_loads_and_an_existing_file_is_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("new.key");
+        let key = DataKey::generate().expect("key");
+        key.write_new(&path).expect("write");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), KEY_LEN as u64);
+        let sealed = key.seal("p", b"x").expect("seal");
+        let loaded = DataKey::load(&path).expect("load");
+        assert_eq!(&loaded.open("p", &sealed).expect("open")[..], b"x");
+
+        let before = std::fs::read(&path).expect("read");
+        let e = DataKey::generate()
+            .expect("key")
+            .write_new(&path)
+            .expect_err("exists");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "left as it was"
+        );
+
+        let link = dir.path().join("dangling.key");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).expect("symlink");
+        assert!(key.write_new(&link).is_err(), "a symlink is never followed");
+        assert!(!dir.path().join("nowhere").exists());
     }
 
     #[test]

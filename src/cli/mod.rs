@@ -9,6 +9,7 @@
 mod exec;
 pub mod inside;
 mod login;
+mod migrate;
 mod open;
 mod serve;
 mod store;

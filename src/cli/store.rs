@@ -7,6 +7,10 @@
 //! see. `store token status` shows each token's expiry and refresh state, and
 //! `store token refresh` runs the servers' refresh procedure ([`FlowEnv::run`]) under the
 //! same bucket lock, so both are safe beside running servers (PROTOCOL.md §14).
+//!
+//! Two commands take no `--store`: `store migrate --from STORE --to STORE` (in
+//! [`super::migrate`]) copies one store into another, and `store new-key FILE` writes a
+//! data key for `--store-key`.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
@@ -87,7 +91,34 @@ pub enum StoreCommand {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Copy every token and API key from one store to another, and verify the copy
+    ///
+    /// Copies every token (refresh token included) and API key from --from to --to, then
+    /// reads them back from the destination and compares; nothing is removed from either
+    /// store. Prints one summary line, never a secret.
+    Migrate(super::migrate::MigrateArgs),
+    /// Write a fresh data key for an etcd store (--store-key) to a new file
+    ///
+    /// Writes 32 random bytes to FILE, created with mode 0600; an existing FILE is never
+    /// overwritten.
+    #[command(after_help = NEW_KEY_HELP)]
+    NewKey {
+        /// The file to create
+        file: PathBuf,
+    },
 }
+
+/// The exit statuses of `credproxy store new-key`, shown by its `--help`.
+const NEW_KEY_HELP: &str = "\
+Every host of a fleet that shares an etcd store uses the same data key: copy the file to
+each over a safe channel (it stays 0600 and yours), and keep a backup where the store's
+operators cannot read it. Without it nothing in the store can be read again.
+
+Exit status:
+  0  written
+  1  cannot be written (the message says why); nothing is left behind
+  2  usage error
+  3  refused: FILE already exists (it is left as it is)";
 
 /// `credproxy store token ...`
 #[derive(Subcommand)]
@@ -251,9 +282,10 @@ fn now() -> u64 {
 }
 
 impl StoreCommand {
-    /// The `--store` and `--profile` of the command.
-    fn host(&self) -> &HostArgs {
-        match self {
+    /// The `--store` and `--profile` of the command; `None` for the commands without
+    /// them (`migrate` names two stores, `new-key` none).
+    fn host(&self) -> Option<&HostArgs> {
+        Some(match self {
             StoreCommand::Token(cmd) => match cmd {
                 TokenCommand::Set { host, .. }
                 | TokenCommand::Remove { host, .. }
@@ -267,14 +299,16 @@ impl StoreCommand {
                 | KeyCommand::List { host } => host,
             },
             StoreCommand::Import { host, .. } => host,
-        }
+            StoreCommand::Migrate(_) | StoreCommand::NewKey { .. } => return None,
+        })
     }
 }
 
 /// Runs a `credproxy store` command.
 pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
     // The profile first: a bad one is a usage error before anything is read or written.
-    let refresh = profile_refresh_config(&load_profile(cmd.host().profile.as_deref())?);
+    let profile = cmd.host().and_then(|h| h.profile.as_deref());
+    let refresh = profile_refresh_config(&load_profile(profile)?);
     let store_failed = |e: StoreError| Failure::new(format!("the store failed: {e}"));
     match cmd {
         StoreCommand::Token(TokenCommand::Set {
@@ -421,7 +455,46 @@ pub fn run(cmd: StoreCommand) -> Result<(), Failure> {
             bucket,
             host,
         }) => refresh_now(&provider, &bucket, &host, refresh)?,
+        StoreCommand::Migrate(args) => super::migrate::migrate(args)?,
+        StoreCommand::NewKey { file } => new_key(&file)?,
     }
+    Ok(())
+}
+
+/// `credproxy store new-key FILE`: a fresh data key in a new 0600 file, checked by loading
+/// it back as `--store-key` does.
+fn new_key(file: &std::path::Path) -> Result<(), Failure> {
+    use crate::backend::seal::{DataKey, KEY_LEN};
+    let key =
+        DataKey::generate().map_err(|e| Failure::new(format!("cannot make a data key: {e}")))?;
+    key.write_new(file).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Failure::with_code(
+                format!(
+                    "{} already exists: new-key never overwrites a file (a data key replaced \
+                     is every value sealed with it lost); choose another name",
+                    file.display()
+                ),
+                exit::REFUSED,
+            )
+        } else {
+            Failure::new(format!(
+                "cannot write the data key to {}: {e}; nothing was left behind",
+                file.display()
+            ))
+        }
+    })?;
+    DataKey::load(file).map_err(|e| {
+        Failure::new(format!(
+            "wrote a data key, but it would not be accepted as --store-key: {e}"
+        ))
+    })?;
+    eprintln!(
+        "wrote a new data key to {} ({KEY_LEN} random bytes, mode 0600); pass it to an etcd \
+         store with --store-key, give every host of the fleet the same file, and keep a \
+         backup: without it the store cannot be read",
+        file.display()
+    );
     Ok(())
 }
 
