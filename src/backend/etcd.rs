@@ -712,6 +712,40 @@ async fn watch_loop(client: Client, root: String, cache: Arc<ReadCache>) {
     }
 }
 
+/// Keeps `lease` alive (a keep-alive every third of its TTL) until aborted or the stream
+/// fails.
+async fn keep_alive(mut client: Client, lease: i64, ttl: i64) {
+    let every = Duration::from_secs((ttl as u64 / 3).max(1));
+    let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        if keeper.keep_alive().await.is_err() {
+            return;
+        }
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+/// One keep-alive of `lease` (its TTL starts again), bounded; a failure leaves the lease
+/// with what it had left from the last one (at least two thirds of its TTL).
+async fn renew_once(client: &Client, lease: i64) {
+    let mut c = client.clone();
+    let renewed = tokio::time::timeout(OP_TIMEOUT, async move {
+        let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        stream.message().await
+    })
+    .await;
+    if !matches!(renewed, Ok(Ok(Some(_)))) {
+        tracing::debug!("etcd store: the refresh lock's lease could not be renewed on taking it");
+    }
+}
+
 /// A held refresh lock: released (unlock, lease revoke) when dropped, by a task spawned on
 /// the backend's runtime, so a drop never blocks; should that not run, the lease's TTL
 /// frees it.
@@ -902,6 +936,10 @@ impl Backend for EtcdBackend {
                 .map_err(|_| etcd_err(format!("{store}: lease grant got no answer")))?
                 .map_err(|e| rpc_err("lease grant", e))?
                 .id();
+            // While waiting, the lease is kept alive: otherwise it would run out during
+            // a long wait (another host's whole refresh) and the lock, once had, would be
+            // lost at once, letting the next waiter in beside us.
+            let waiting = tokio::spawn(keep_alive(client.clone(), lease, ttl));
             let locked = tokio::time::timeout(
                 LOCK_WAIT,
                 retry(&client, |mut c| {
@@ -913,13 +951,19 @@ impl Backend for EtcdBackend {
                 }),
             )
             .await;
+            waiting.abort();
             match locked {
-                Ok(Ok(resp)) => Ok(RefreshLock::new(HeldLock {
-                    client,
-                    handle,
-                    lease,
-                    key: resp.key().to_vec(),
-                })),
+                Ok(Ok(resp)) => {
+                    // Held: the lease gets its whole TTL from now, and no more, so a
+                    // holder that hangs or dies loses the lock TTL after taking it.
+                    renew_once(&client, lease).await;
+                    Ok(RefreshLock::new(HeldLock {
+                        client,
+                        handle,
+                        lease,
+                        key: resp.key().to_vec(),
+                    }))
+                }
                 failed => {
                     // Give up our place in the queue now, not when the lease runs out.
                     let mut c = client.clone();

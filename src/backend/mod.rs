@@ -317,7 +317,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// asks `decide` what to write, and writes it (a token through the same checks as
     /// [`Backend::save_token`]). `decide` sees `None` when no token is stored (it was
     /// removed meanwhile: removal wins, and the backend then writes nothing whatever
-    /// `decide` answers).
+    /// `decide` answers). `decide` may be asked more than once: a store whose write is a
+    /// compare-and-swap (etcd) reads and asks again after losing a race, and writes only
+    /// the last answer.
     /// Returns what was decided was written: true when something was written.
     fn finish_refresh(
         &self,

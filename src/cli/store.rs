@@ -97,13 +97,16 @@ pub enum StoreCommand {
     /// reads them back from the destination and compares; nothing is removed from either
     /// store. Prints one summary line, never a secret.
     Migrate(super::migrate::MigrateArgs),
-    /// Write a fresh data key for an etcd store (--store-key) to a new file
+    /// Write a fresh data key for an etcd store (--store-key) to a new file, or to the OS
+    /// keyring
     ///
     /// Writes 32 random bytes to FILE, created with mode 0600; an existing FILE is never
-    /// overwritten.
+    /// overwritten. With keyring:[SERVICE] the key becomes an item of the OS keyring
+    /// (kind=datakey), never replacing one the service already has.
     #[command(after_help = NEW_KEY_HELP)]
     NewKey {
-        /// The file to create
+        /// The file to create, or keyring:[SERVICE]
+        #[arg(value_name = "FILE|keyring:[SERVICE]")]
         file: PathBuf,
     },
 }
@@ -467,6 +470,28 @@ fn new_key(file: &std::path::Path) -> Result<(), Failure> {
     use crate::backend::seal::{DataKey, KEY_LEN};
     let key =
         DataKey::generate().map_err(|e| Failure::new(format!("cannot make a data key: {e}")))?;
+    if let Some(service) = file.to_str().and_then(|v| v.strip_prefix("keyring:")) {
+        let keyring =
+            crate::backend::KeyringBackend::open((!service.is_empty()).then_some(service))
+                .map_err(|e| Failure::new(format!("cannot open the keyring: {e}")))?;
+        keyring.create_data_key(&key).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("already has a data key") {
+                Failure::with_code(text, exit::REFUSED)
+            } else {
+                Failure::new(format!("cannot store the data key: {text}"))
+            }
+        })?;
+        super::open::load_data_key(file)?;
+        eprintln!(
+            "stored a new data key in the OS keyring (service {}); pass it to an etcd store \
+             with --store-key {}; other hosts need the same key (a key file is easier to \
+             share: store new-key FILE)",
+            keyring.service(),
+            file.display()
+        );
+        return Ok(());
+    }
     key.write_new(file).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Failure::with_code(

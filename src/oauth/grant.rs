@@ -269,6 +269,16 @@ impl Grant {
         }
     }
 
+    /// A copy of the whole response (wiped on drop like this one): a store that may ask
+    /// its write's `decide` again after a lost compare-and-swap merges a fresh copy each
+    /// time.
+    pub fn duplicate(&self) -> Grant {
+        Grant {
+            fields: self.fields.clone(),
+            expires_in_defaulted: self.expires_in_defaulted,
+        }
+    }
+
     /// True when the response had no `expires_in` and [`DEFAULT_EXPIRES_IN`] was used.
     pub fn expires_in_defaulted(&self) -> bool {
         self.expires_in_defaulted

@@ -329,7 +329,7 @@ impl FlowEnv {
             .await;
         let after = self.clock.now();
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        let mut grant = match result {
+        let grant = match result {
             Ok(grant) => {
                 if grant.expires_in_defaulted() {
                     tracing::warn!(provider = %key.provider, bucket = %key.bucket, "refresh: the token endpoint gave no expires_in; assuming one hour");
@@ -353,7 +353,7 @@ impl FlowEnv {
         let finished = self
             .blocking(move |s| {
                 let _held = lock;
-                let mut essential = essential;
+                let essential = essential;
                 let mut served = None;
                 let mut superseded = false;
                 let mut invalid = false;
@@ -364,10 +364,12 @@ impl FlowEnv {
                         served = Some(cur.served());
                         RefreshWrite::Nothing
                     }
-                    Some(cur) => match grant.take().map(|g| g.merge_into(cur)) {
+                    // `decide` may be asked again (a store that lost a compare-and-swap
+                    // reads and decides anew), so each call merges a copy.
+                    Some(cur) => match grant.as_ref().map(|g| g.duplicate().merge_into(cur)) {
                         Some(Ok(token)) => {
                             let token = match crate::backend::check_storable(&token) {
-                                Err(_) => match essential.take().map(|g| g.merge_into(cur)) {
+                                Err(_) => match essential.as_ref().map(|g| g.duplicate().merge_into(cur)) {
                                     Some(Ok(small)) => {
                                         tracing::warn!(provider = %p, bucket = %b, "refresh: the token endpoint's answer is too large to serve whole; only its essential fields were kept");
                                         small
@@ -500,12 +502,10 @@ impl FlowEnv {
             let marked = self
                 .blocking(move |s| {
                     let _held = lock;
-                    let mut mark = Some(mark);
-                    s.finish_refresh(&p, &b, &mut |cur| match (cur, &sent, mark.take()) {
-                        (Some(cur), Some(sent), Some(mark))
-                            if cur.refresh_token() == Some(sent.expose()) =>
-                        {
-                            RefreshWrite::NeedsLogin(mark)
+                    // Asked again after a lost compare-and-swap: the mark is cloned.
+                    s.finish_refresh(&p, &b, &mut |cur| match (cur, &sent) {
+                        (Some(cur), Some(sent)) if cur.refresh_token() == Some(sent.expose()) => {
+                            RefreshWrite::NeedsLogin(mark.clone())
                         }
                         _ => RefreshWrite::Nothing,
                     })
