@@ -5,6 +5,7 @@
 
 pub mod as_user;
 pub mod auth_server;
+pub mod etcd;
 pub mod hooked;
 pub mod keyring;
 pub mod probe;
