@@ -4,19 +4,25 @@
 //! refusals that write nothing, removal, sorted lists, API keys, name checks, the refresh
 //! state, `finish_refresh` (removal wins, the mark), the refresh lock, and no lost update
 //! under concurrent merges through two handles on one store. A new backend adds one line
-//! at the bottom.
+//! at the bottom: memory, file (with and without its read cache), the OS keyring (a real
+//! Secret Service) and etcd (a real cluster; with and without the watch-fed cache).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_support;
 #[path = "common/keyring.rs"]
 mod keyring_support;
 
+use credproxy::backend::etcd::{EtcdOptions, DEFAULT_LOCK_TTL};
+use credproxy::backend::seal::DataKey;
 use credproxy::backend::{
-    Backend, FileBackend, KeyringBackend, MemoryBackend, NeedsLogin, RefreshState, RefreshWrite,
-    SaveMode, StoreError,
+    Backend, EtcdBackend, FileBackend, KeyringBackend, MemoryBackend, NeedsLogin, RefreshState,
+    RefreshWrite, SaveMode, StoreError,
 };
 use credproxy::secret::Secret;
 use credproxy::token::Token;
@@ -550,6 +556,52 @@ fn keyring() -> Option<Keyring> {
     Some(Keyring { a, b })
 }
 
+/// Two handles (as two hosts would have) on one etcd store, on a one-member cluster of
+/// this test's own (tests/common/etcd.rs); `cached`: both keep the watch-fed read cache,
+/// as `serve` runs the store. `None` when etcd is not installed (a failure under CI).
+struct Etcd {
+    a: Arc<EtcdBackend>,
+    b: Arc<EtcdBackend>,
+    /// Declared last: the cluster stops after the handles are gone.
+    _cluster: etcd_support::EtcdCluster,
+}
+
+impl Fixture for Etcd {
+    fn handle(&self) -> Arc<dyn Backend> {
+        self.a.clone()
+    }
+    fn other(&self) -> Arc<dyn Backend> {
+        self.b.clone()
+    }
+}
+
+fn etcd(cached: bool) -> Option<Etcd> {
+    let cluster = etcd_support::EtcdCluster::start(1)?;
+    let key = DataKey::generate().expect("data key");
+    let hex = key.to_hex();
+    let open = || {
+        Arc::new(
+            EtcdBackend::open(EtcdOptions {
+                endpoints: cluster.endpoints(),
+                prefix: "contract".into(),
+                data_key: DataKey::from_hex(&hex).expect("same key"),
+                ca: None,
+                client_cert: None,
+                user: None,
+                cached,
+                lock_ttl: DEFAULT_LOCK_TTL,
+            })
+            .expect("open the etcd store"),
+        )
+    };
+    let (a, b) = (open(), open());
+    Some(Etcd {
+        a,
+        b,
+        _cluster: cluster,
+    })
+}
+
 /// One `#[test]` per contract check and backend.
 macro_rules! contract {
     ($backend:ident, $make:expr) => {
@@ -613,3 +665,5 @@ contract!(memory_store, memory());
 contract!(file_store, file_plain());
 contract!(file_store_with_read_cache, file_cached());
 contract!(optional keyring_store, keyring());
+contract!(optional etcd_store, etcd(false));
+contract!(optional etcd_store_with_read_cache, etcd(true));
