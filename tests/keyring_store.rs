@@ -219,3 +219,21 @@ echo LOG; cat "$log"
         assert!(!err.contains(canary), "{canary} in stderr");
     }
 }
+
+/// `store new-key keyring:` stores a data key as an item of the service (64 hex
+/// characters, never printed) and refuses to replace it.
+#[test]
+fn a_data_key_in_the_keyring_is_made_once() {
+    let script = r#"
+"$BIN" store new-key keyring:credproxy-dk; echo "first=$?"
+"$BIN" store new-key keyring:credproxy-dk; echo "second=$?"
+secret-tool lookup application credproxy service credproxy-dk kind datakey | tr -d '\n' | wc -c
+"#;
+    let Some((out, err, _)) = in_keyring_session(script) else {
+        return;
+    };
+    assert!(out.contains("first=0"), "{out}\n{err}");
+    assert!(out.contains("second=3"), "{out}\n{err}");
+    assert!(err.contains("already has a data key"), "{err}");
+    assert!(out.trim_end().ends_with("64"), "{out}");
+}
