@@ -30,8 +30,10 @@
 //! service) on a lease per provider:bucket, taken by the refresh engine before it re-reads
 //! the token, so one host in the whole fleet sends a refresh token at a time; the others
 //! wait, re-read, and find the token already refreshed. The lease's TTL is a little above
-//! the longest refresh (its HTTP deadline), so a lock holder's whole request always fits
-//! in its lease, and a host that dies holding the lock frees it when the lease expires.
+//! the longest refresh (its HTTP deadline); a waiter keeps its lease alive while it waits
+//! and renews it once on taking the lock, so a lock holder's whole request always fits in
+//! its lease, and a host that dies (or hangs) holding the lock frees it when the lease
+//! expires.
 //! Dropping the lock releases it at once (unlock and lease revoke, spawned: a drop never
 //! blocks).
 //!
