@@ -150,8 +150,8 @@ fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
     answer.recv().expect("the etcd spawner thread answers")
 }
 
-/// A fresh directory for a cluster: on `/dev/shm` (tmpfs) when there is one, else in the
-/// usual temporary directory. Each member preallocates a 64 MB write-ahead log and fsyncs
+/// A fresh directory for a cluster: on `/dev/shm` (tmpfs) when there is one with at least
+/// 2 GiB free, else in the usual temporary directory. Each member preallocates a 64 MB write-ahead log and fsyncs
 /// every write; on tmpfs that costs memory instead of disk space and the fsyncs are free,
 /// so parallel tests on a slow or nearly full disk do not stall elections.
 fn cluster_dir() -> tempfile::TempDir {
@@ -161,8 +161,12 @@ fn cluster_dir() -> tempfile::TempDir {
             .permissions(fs::Permissions::from_mode(0o700));
         b
     };
+    // Only a roomy /dev/shm: a container's is often 64 MB, less than one member's log.
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
+    let roomy = nix::sys::statvfs::statvfs(shm)
+        .map(|v| (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64) >= 2 << 30)
+        .unwrap_or(false);
+    if shm.is_dir() && roomy {
         if let Ok(dir) = builder().tempdir_in(shm) {
             return dir;
         }
