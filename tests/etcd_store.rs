@@ -204,6 +204,27 @@ fn wrong_keys_and_bad_options_are_refused_clearly() {
         all.extend_from_slice(args);
         run(BIN, &all, Stdin::Pipe(body.as_bytes()), Env::ISOLATED)
     };
+    // Reading an empty store with some key records nothing: the first write decides.
+    let empty = run(
+        BIN,
+        &[
+            "store",
+            "token",
+            "list",
+            "--store",
+            &url,
+            "--store-key",
+            &other,
+        ],
+        Stdin::Null,
+        Env::ISOLATED,
+    );
+    assert_eq!(
+        (empty.code(), empty.stdout.as_str()),
+        (Some(0), ""),
+        "{}",
+        empty.stderr
+    );
     let ok = set(&["--store-key", &good]);
     assert_eq!(ok.code(), Some(0), "{}", ok.stderr);
 

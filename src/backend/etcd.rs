@@ -16,8 +16,9 @@
 //! ([`seal`](super::seal): ChaCha20-Poly1305, the full etcd key as associated data), so
 //! etcd's operators, its backups and anyone reading its disks see neither a refresh token
 //! nor an API key, and a value copied to another key does not open. Every host of a fleet
-//! loads the same data key (`--store-key FILE`); a host with another key is refused at
-//! open, against `meta/key-check`, instead of failing on each value.
+//! loads the same data key (`--store-key FILE`); the first host to write records a sealed
+//! marker at `meta/key-check`, and a host with another key is then refused at open
+//! instead of failing on each value.
 //!
 //! **Writes are compare-and-swap** on the keys' `mod_revision`: a save reads the token and
 //! its bookkeeping, merges, and writes both in one transaction that succeeds only if
@@ -136,6 +137,8 @@ pub struct EtcdBackend {
     client: Client,
     cache: Option<Arc<ReadCache>>,
     lock_ttl: Duration,
+    /// Set once the data key matched the store's marker (or this process recorded it).
+    key_checked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -311,8 +314,9 @@ impl EtcdBackend {
             client,
             cache: options.cached.then(|| Arc::new(ReadCache::detached())),
             lock_ttl: options.lock_ttl,
+            key_checked: std::sync::atomic::AtomicBool::new(false),
         };
-        backend.check_data_key()?;
+        backend.check_data_key(false)?;
         if let Some(cache) = &backend.cache {
             backend.rt.spawn(watch_loop(
                 backend.client.clone(),
@@ -585,17 +589,28 @@ impl EtcdBackend {
     }
 
     /// Refuses a data key other than the one this store was first written with, checked
-    /// against a sealed marker (recorded by the first host to open the store).
-    fn check_data_key(&self) -> Result<(), StoreError> {
+    /// against a sealed marker. `record`: a write is coming, and a store without a marker
+    /// gets one (the first host to write a value decides the key; a host that only reads
+    /// an empty store records nothing). Once the marker has been seen, writes skip this.
+    fn check_data_key(&self, record: bool) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         const MARKER: &[u8] = b"credproxy data key check v1";
+        if self.key_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let key = format!("{}meta/key-check", self.root);
         let sealed = self.seal_value(&key, MARKER)?;
         let client = self.client.clone();
         let k = key.clone();
         let stored = self.call("open", async move {
+            let put = if record {
+                vec![TxnOp::put(k.clone(), sealed, None)]
+            } else {
+                Vec::new()
+            };
             let txn = Txn::new()
                 .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(k.clone(), sealed, None)])
+                .and_then(put)
                 .or_else([TxnOp::get(k, None)]);
             let resp = retry(&client, |mut c| {
                 let t = txn.clone();
@@ -609,9 +624,17 @@ impl EtcdBackend {
             Ok(take_get(resp.op_responses().into_iter().next()).value)
         })?;
         match stored {
-            None => Ok(()),
+            None => {
+                if record {
+                    self.key_checked.store(true, Ordering::Release);
+                }
+                Ok(())
+            }
             Some(sealed) => match self.key.open(&key, &sealed) {
-                Ok(plain) if plain.as_slice() == MARKER => Ok(()),
+                Ok(plain) if plain.as_slice() == MARKER => {
+                    self.key_checked.store(true, Ordering::Release);
+                    Ok(())
+                }
                 _ => Err(etcd_err(format!(
                     "{}: this store was written with another data key; give every host the \
                      same --store-key file",
@@ -795,6 +818,7 @@ impl Backend for EtcdBackend {
     ) -> Result<(), StoreError> {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
+        self.check_data_key(true)?;
         let tk = self.token_key(provider, bucket);
         let sk = self.state_key(provider, bucket);
         for attempt in 0..CAS_TRIES {
@@ -879,6 +903,7 @@ impl Backend for EtcdBackend {
 
     fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
         check(NameKind::Key, name)?;
+        self.check_data_key(true)?;
         let k = self.api_key(name);
         let sealed = self.seal_value(&k, key.expose().as_bytes())?;
         let client = self.client.clone();
