@@ -163,6 +163,8 @@ fn cluster_dir() -> tempfile::TempDir {
     };
     // Only a roomy /dev/shm: a container's is often 64 MB, less than one member's log.
     let shm = Path::new("/dev/shm");
+    // The casts are no-ops on x86_64 Linux, not everywhere.
+    #[allow(clippy::unnecessary_cast)]
     let roomy = nix::sys::statvfs::statvfs(shm)
         .map(|v| (v.blocks_available() as u64).saturating_mul(v.fragment_size() as u64) >= 2 << 30)
         .unwrap_or(false);
