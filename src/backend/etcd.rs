@@ -967,6 +967,7 @@ impl Backend for EtcdBackend {
             // a long wait (another host's whole refresh) and the lock, once had, would be
             // lost at once, letting the next waiter in beside us.
             let waiting = tokio::spawn(keep_alive(client.clone(), lease, ttl));
+            let asked = tokio::time::Instant::now();
             let locked = tokio::time::timeout(
                 LOCK_WAIT,
                 retry(&client, |mut c| {
@@ -982,8 +983,12 @@ impl Backend for EtcdBackend {
             match locked {
                 Ok(Ok(resp)) => {
                     // Held: the lease gets its whole TTL from now, and no more, so a
-                    // holder that hangs or dies loses the lock TTL after taking it.
-                    renew_once(&client, lease).await;
+                    // holder that hangs or dies loses the lock TTL after taking it. A lock
+                    // had within a second of the grant has all but that second left (the
+                    // TTL is 2 s above the longest refresh): no round trip for it.
+                    if asked.elapsed() > Duration::from_secs(1) {
+                        renew_once(&client, lease).await;
+                    }
                     Ok(RefreshLock::new(HeldLock {
                         client,
                         handle,
