@@ -379,3 +379,84 @@ fn tls_with_a_client_certificate_and_a_password() {
     assert!(r.stderr.contains("--etcd-ca"), "{}", r.stderr);
     assert!(!r.stderr.contains(&tls.password()));
 }
+
+/// Every host store command on an etcd store: `token set/list/status/refresh/remove`,
+/// `key set/list/remove`, with a real token endpoint on 127.0.0.1 for the refresh (one
+/// request, the rotated refresh token stored sealed), never a secret in any output.
+#[test]
+fn every_store_command_works_on_etcd() {
+    let Some(cluster) = EtcdCluster::start(1) else {
+        return;
+    };
+    let endpoint = common::token_endpoint::TokenEndpoint::start(REFRESH);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = write_key(dir.path(), "k", &[5u8; 32], 0o600);
+    let profile = dir.path().join("profile.toml");
+    std::fs::write(
+        &profile,
+        format!("[provider.anthropic]\ntoken_url = \"{}\"\n", endpoint.url()),
+    )
+    .expect("profile");
+    let url = cluster.store_url("cmds");
+    let p = profile.to_str().expect("utf-8");
+    let cmd = |args: &[&str], stdin: &[u8]| {
+        let mut all: Vec<&str> = vec!["store"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--store", &url, "--store-key", &key]);
+        let r = run(BIN, &all, Stdin::Pipe(stdin), Env::ISOLATED);
+        for secret in [REFRESH, "AT-old", "KEY-CANARY-cmds", "at-1", "rt-1"] {
+            assert!(
+                !r.stdout.contains(secret) && !r.stderr.contains(secret),
+                "{args:?} printed {secret}: {r:?}"
+            );
+        }
+        r
+    };
+    let expired = format!(
+        r#"{{"access_token":"AT-old","refresh_token":"{REFRESH}","expiry":1000,"token_type":"Bearer"}}"#
+    );
+    assert_eq!(
+        cmd(&["token", "set", "anthropic"], expired.as_bytes()).code(),
+        Some(0)
+    );
+    assert_eq!(cmd(&["token", "list"], b"").stdout, "anthropic:default\n");
+    let status = cmd(&["token", "status", "--profile", p], b"");
+    assert!(
+        status.stdout.contains("anthropic:default: expired"),
+        "{status:?}"
+    );
+    let refreshed = cmd(&["token", "refresh", "anthropic", "--profile", p], b"");
+    assert_eq!(refreshed.code(), Some(0), "{refreshed:?}");
+    assert_eq!(endpoint.count(), 1);
+    let raw = cluster.raw_get_prefix("/cmds/");
+    assert!(raw
+        .iter()
+        .all(|(_, v)| !String::from_utf8_lossy(v).contains("rt-1")));
+    let again = cmd(&["token", "refresh", "anthropic", "--profile", p], b"");
+    assert!(
+        again.stdout.contains("within the 30 s cooldown"),
+        "{again:?}"
+    );
+    assert_eq!(
+        endpoint.count(),
+        1,
+        "the cooldown is read from the shared state"
+    );
+
+    assert_eq!(
+        cmd(&["key", "set", "openai"], b"KEY-CANARY-cmds").code(),
+        Some(0)
+    );
+    assert_eq!(cmd(&["key", "list"], b"").stdout, "openai\n");
+    assert_eq!(cmd(&["key", "remove", "openai"], b"").code(), Some(0));
+    assert_eq!(cmd(&["key", "list"], b"").stdout, "");
+    assert_eq!(cmd(&["token", "remove", "anthropic"], b"").code(), Some(0));
+    assert_eq!(cmd(&["token", "list"], b"").stdout, "");
+    assert!(
+        cluster
+            .raw_get_prefix("/cmds/")
+            .iter()
+            .all(|(k, _)| k.starts_with("/cmds/meta/")),
+        "token, state and key all gone"
+    );
+}
