@@ -13,7 +13,7 @@
 //! | `meta/key-check` | a sealed marker that tells a wrong data key at open |
 //!
 //! **Sealed before they leave the host.** Tokens and keys are sealed with the data key
-//! ([`seal`](super::seal): ChaCha20-Poly1305, the full etcd key as associated data), so
+//! ([`seal`](super::seal): AES-256-GCM, the full etcd key as associated data), so
 //! etcd's operators, its backups and anyone reading its disks see neither a refresh token
 //! nor an API key, and a value copied to another key does not open. Every host of a fleet
 //! loads the same data key (`--store-key FILE`); the first host to write records a sealed
