@@ -265,8 +265,10 @@ fn take_get(resp: Option<TxnOpResponse>) -> Read {
 
 impl EtcdBackend {
     /// Connects to the cluster (bounded by a few seconds), checks that the store can be
-    /// read and that `options.data_key` is this store's key (recording it on first use),
-    /// and starts the read cache's watch when `options.cached`.
+    /// read and that `options.data_key` is this store's key (when a host has written
+    /// one: the first write records it), and starts the read cache's watch when
+    /// `options.cached`. It blocks the calling thread (never call it inside an async
+    /// task); the backend's own runtime does the work.
     pub fn open(options: EtcdOptions) -> Result<EtcdBackend, StoreError> {
         let rt = super::PrivateRuntime::start("credproxy-etcd")?;
         let name = format!("etcd://{}/{}", options.endpoints.join(","), options.prefix);
@@ -294,18 +296,24 @@ impl EtcdBackend {
                 .with_auto_token_refresh(true);
         }
         let endpoints = options.endpoints.clone();
-        let client = rt
-            .block_on(async {
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = tx.send(
                 tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(endpoints, Some(connect)))
-                    .await
-            })
-            .map_err(|_| {
-                etcd_err(format!(
-                    "{name}: no member answered within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                ))
-            })?
-            .map_err(|e| rpc_err(&format!("{name}: cannot connect"), e))?;
+                    .await,
+            );
+        });
+        let no_answer = || {
+            etcd_err(format!(
+                "{name}: no member answered within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        };
+        let client = match rx.recv_timeout(CONNECT_TIMEOUT + Duration::from_secs(1)) {
+            Ok(Ok(Ok(client))) => client,
+            Ok(Ok(Err(e))) => return Err(rpc_err(&format!("{name}: cannot connect"), e)),
+            Ok(Err(_)) | Err(_) => return Err(no_answer()),
+        };
         let backend = EtcdBackend {
             root: format!("/{}/", options.prefix),
             name,
