@@ -186,6 +186,9 @@ fn rpc_err(what: &str, e: etcd_client::Error) -> StoreError {
     } else if text.contains("user name is empty") || text.contains("Unauthenticated") {
         "; the cluster has authentication on: give --etcd-user and --etcd-password-file, or a \
          client certificate"
+    } else if text.contains("request is too large") {
+        "; the cluster refuses requests over its --max-request-bytes (1.5 MiB by default): \
+         raise it on every member for tokens that large"
     } else if text.contains("transport error") {
         "; if the cluster speaks TLS, give --etcd-ca (and --etcd-cert/--etcd-key if it \
          requires client certificates)"
