@@ -519,11 +519,11 @@ impl EtcdBackend {
         ))
     }
 
-    fn read_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
-        let key = self.token_key(provider, bucket);
+    /// The value at `key` (linearizable read), wiped when dropped.
+    fn get_value(&self, key: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         let client = self.client.clone();
-        let k = key.clone();
-        let value = self.call("read", async move {
+        let k = key.to_owned();
+        self.call("read", async move {
             let mut resp = retry(&client, |mut c| {
                 let k = k.clone();
                 async move { c.get(k, None).await }
@@ -535,27 +535,19 @@ impl EtcdBackend {
                 .into_iter()
                 .next()
                 .map(|kv| Zeroizing::new(kv.into_key_value().1)))
-        })?;
-        value.map(|v| self.parse_token(&key, &v)).transpose()
+        })
+    }
+
+    fn read_token(&self, provider: &str, bucket: &str) -> Result<Option<Token>, StoreError> {
+        let key = self.token_key(provider, bucket);
+        self.get_value(&key)?
+            .map(|v| self.parse_token(&key, &v))
+            .transpose()
     }
 
     fn read_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         let key = self.api_key(name);
-        let client = self.client.clone();
-        let k = key.clone();
-        let value = self.call("read", async move {
-            let mut resp = retry(&client, |mut c| {
-                let k = k.clone();
-                async move { c.get(k, None).await }
-            })
-            .await
-            .map_err(|e| rpc_err("read", e))?;
-            Ok(resp
-                .take_kvs()
-                .into_iter()
-                .next()
-                .map(|kv| Zeroizing::new(kv.into_key_value().1)))
-        })?;
+        let value = self.get_value(&key)?;
         let Some(sealed) = value else {
             return Ok(None);
         };
@@ -834,19 +826,12 @@ impl Backend for EtcdBackend {
         let sk = self.state_key(provider, bucket);
         for attempt in 0..CAS_TRIES {
             let (token_read, state_read) = self.read_pair(provider, bucket)?;
-            let token = match (mode, &token_read.value) {
-                (SaveMode::Merge, Some(sealed)) => self.parse_token(&tk, sealed)?.merge(incoming),
-                _ => incoming.clone(),
+            let stored = match (mode, &token_read.value) {
+                (SaveMode::Merge, Some(sealed)) => Some(self.parse_token(&tk, sealed)?),
+                _ => None,
             };
-            super::check_storable(&token)?;
-            // As the other stores: a saved token clears the needs-login mark; a replaced
-            // one is a new login whose bookkeeping starts over.
-            let mut state = self.parse_state(&sk, state_read.value.as_deref().map(|v| &v[..]))?;
-            if mode == SaveMode::Replace {
-                state = RefreshState::default();
-            } else {
-                state.needs_login = None;
-            }
+            let state = self.parse_state(&sk, state_read.value.as_deref().map(|v| &v[..]))?;
+            let (token, state) = super::next_saved(stored, incoming, mode, state)?;
             if self.write_pair(
                 provider,
                 bucket,
@@ -900,16 +885,10 @@ impl Backend for EtcdBackend {
 
     fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         check(NameKind::Key, name)?;
-        let Some(cache) = &self.cache else {
-            return self.read_key(name);
-        };
-        if let Some(hit) = cache.key(name) {
-            return Ok(hit);
+        match &self.cache {
+            Some(cache) => cache.key_through(name, || self.read_key(name)),
+            None => self.read_key(name),
         }
-        let generation = cache.generation();
-        let value = self.read_key(name)?;
-        cache.fill_key(generation, name, &value);
-        Ok(value)
     }
 
     fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {
@@ -1029,22 +1008,8 @@ impl Backend for EtcdBackend {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
         let sk = self.state_key(provider, bucket);
-        let client = self.client.clone();
-        let k = sk.clone();
-        let bytes = self.call("read", async move {
-            let mut resp = retry(&client, |mut c| {
-                let k = k.clone();
-                async move { c.get(k, None).await }
-            })
-            .await
-            .map_err(|e| rpc_err("read", e))?;
-            Ok(resp
-                .take_kvs()
-                .into_iter()
-                .next()
-                .map(|kv| kv.into_key_value().1))
-        })?;
-        self.parse_state(&sk, bytes.as_deref())
+        let bytes = self.get_value(&sk)?;
+        self.parse_state(&sk, bytes.as_deref().map(|v| &v[..]))
     }
 
     /// Read, decide and write as one compare-and-swap on the token and its bookkeeping;
@@ -1113,16 +1078,11 @@ impl Backend for EtcdBackend {
         provider: &str,
         bucket: &str,
     ) -> Result<Option<ServedToken>, StoreError> {
-        let Some(cache) = &self.cache else {
-            return Ok(self.get_token(provider, bucket)?.map(|t| t.served()));
-        };
-        if let Some(hit) = cache.token(provider, bucket) {
-            return Ok(hit);
+        let read = || Ok(self.get_token(provider, bucket)?.map(|t| t.served()));
+        match &self.cache {
+            Some(cache) => cache.token_through(provider, bucket, read),
+            None => read(),
         }
-        let generation = cache.generation();
-        let value = self.get_token(provider, bucket)?.map(|t| t.served());
-        cache.fill_token(generation, provider, bucket, &value);
-        Ok(value)
     }
 
     fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {

@@ -474,16 +474,11 @@ impl Backend for FileBackend {
         provider: &str,
         bucket: &str,
     ) -> Result<Option<ServedToken>, StoreError> {
-        let Some(cache) = &self.cache else {
-            return Ok(self.get_token(provider, bucket)?.map(|t| t.served()));
-        };
-        if let Some(hit) = cache.token(provider, bucket) {
-            return Ok(hit);
+        let read = || Ok(self.get_token(provider, bucket)?.map(|t| t.served()));
+        match &self.cache {
+            Some(cache) => cache.token_through(provider, bucket, read),
+            None => read(),
         }
-        let generation = cache.generation();
-        let value = self.get_token(provider, bucket)?.map(|t| t.served());
-        cache.fill_token(generation, provider, bucket, &value);
-        Ok(value)
     }
 
     fn cached_token(&self, provider: &str, bucket: &str) -> Option<Option<ServedToken>> {
@@ -628,16 +623,10 @@ impl Backend for FileBackend {
 
     fn get_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         check(NameKind::Key, name)?;
-        let Some(cache) = &self.cache else {
-            return self.read_key(name);
-        };
-        if let Some(hit) = cache.key(name) {
-            return Ok(hit);
+        match &self.cache {
+            Some(cache) => cache.key_through(name, || self.read_key(name)),
+            None => self.read_key(name),
         }
-        let generation = cache.generation();
-        let value = self.read_key(name)?;
-        cache.fill_key(generation, name, &value);
-        Ok(value)
     }
 
     fn set_key(&self, name: &str, key: &Secret) -> Result<(), StoreError> {

@@ -383,20 +383,13 @@ impl Backend for KeyringBackend {
         check(NameKind::Provider, provider)?;
         check(NameKind::Bucket, bucket)?;
         let _lock = self.store_lock()?;
-        let token = match (mode, self.read_token(provider, bucket)?) {
-            (SaveMode::Merge, Some(stored)) => stored.merge(incoming),
-            _ => incoming.clone(),
+        let stored = match mode {
+            SaveMode::Merge => self.read_token(provider, bucket)?,
+            SaveMode::Replace => None,
         };
-        super::check_storable(&token)?;
-        let mut state = self.read_state(provider, bucket)?;
+        let state = self.read_state(provider, bucket)?;
+        let (token, state) = super::next_saved(stored, incoming, mode, state)?;
         self.write_token(provider, bucket, &token)?;
-        // As the other stores: a saved token clears the needs-login mark; a replaced one
-        // is a new login whose bookkeeping starts over.
-        if mode == SaveMode::Replace {
-            state = RefreshState::default();
-        } else {
-            state.needs_login = None;
-        }
         self.write_state(provider, bucket, &state)
     }
 

@@ -101,6 +101,29 @@ pub(crate) fn check_storable(token: &Token) -> Result<(), StoreError> {
     }
 }
 
+/// What a save writes, decided from what is stored: the token (`incoming` merged into the
+/// stored one, or replacing it) after [`check_storable`], and the bucket's refresh state
+/// after it (a saved token clears the needs-login mark; a replaced one is a new login whose
+/// bookkeeping starts over). Shared by the stores whose save is read, decide, write.
+pub(crate) fn next_saved(
+    stored: Option<Token>,
+    incoming: &Token,
+    mode: SaveMode,
+    mut state: RefreshState,
+) -> Result<(Token, RefreshState), StoreError> {
+    let token = match (mode, stored) {
+        (SaveMode::Merge, Some(stored)) => stored.merge(incoming),
+        _ => incoming.clone(),
+    };
+    check_storable(&token)?;
+    if mode == SaveMode::Replace {
+        state = RefreshState::default();
+    } else {
+        state.needs_login = None;
+    }
+    Ok((token, state))
+}
+
 /// Takes an exclusive `flock` on `file` (opened at `path`), polling without blocking
 /// (5 ms doubling to 100 ms) until `wait` has passed: a wait is bounded and never parks a
 /// worker thread for good behind a process that hangs holding the lock. Shared by the

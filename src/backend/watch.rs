@@ -240,6 +240,38 @@ impl ReadCache {
         state.keys.insert(name.to_owned(), value.clone());
     }
 
+    /// A served token from the cache, or else from `read` (cached unless something
+    /// changed while it ran): the read path of every store with a cache.
+    pub fn token_through<E>(
+        &self,
+        provider: &str,
+        bucket: &str,
+        read: impl FnOnce() -> Result<Option<ServedToken>, E>,
+    ) -> Result<Option<ServedToken>, E> {
+        if let Some(hit) = self.token(provider, bucket) {
+            return Ok(hit);
+        }
+        let generation = self.generation();
+        let value = read()?;
+        self.fill_token(generation, provider, bucket, &value);
+        Ok(value)
+    }
+
+    /// An API key from the cache, or else from `read` (as [`ReadCache::token_through`]).
+    pub fn key_through<E>(
+        &self,
+        name: &str,
+        read: impl FnOnce() -> Result<Option<Secret>, E>,
+    ) -> Result<Option<Secret>, E> {
+        if let Some(hit) = self.key(name) {
+            return Ok(hit);
+        }
+        let generation = self.generation();
+        let value = read()?;
+        self.fill_key(generation, name, &value);
+        Ok(value)
+    }
+
     /// Drops everything (a write through this backend calls it before returning).
     pub fn invalidate(&self) {
         self.lock().invalidate();
