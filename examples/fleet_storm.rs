@@ -20,23 +20,26 @@
 //! fleet_storm BIN etcd://H:P,H:P,H:P/PREFIX KEYFILE [LATENCY_MS=100] [REQUESTS=300] [ROUNDS=5] [SERVERS=1,3,10]
 //! ```
 
+#[path = "support/storm.rs"]
+mod storm;
+
 #[path = "../tests/common/token_endpoint.rs"]
 #[allow(dead_code)]
 mod token_endpoint;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+use storm::{ms, percentile, Answer};
 use token_endpoint::{read_request, write_reply, Reply};
 
 /// Connections per storm, spread over the servers (connection c goes to server c % N).
@@ -234,35 +237,6 @@ impl Drop for Server {
 // The storm
 // ---------------------------------------------------------------------------------------
 
-fn send(stream: &mut UnixStream, value: &Value) {
-    let body = value.to_string();
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    stream.write_all(&frame).expect("write");
-}
-
-fn recv(stream: &mut UnixStream) -> Value {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).expect("read");
-    let mut body = vec![0; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).expect("read");
-    serde_json::from_slice(&body).expect("json")
-}
-
-fn connect(path: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(path).expect("connect");
-    send(
-        &mut s,
-        &json!({"v":1,"op":"handshake","payload":{"minVersion":1,"maxVersion":1}}),
-    );
-    let reply = recv(&mut s);
-    assert_eq!(reply["ok"], true, "{reply}");
-    s
-}
-
-/// One answer: its latency and the access token, or the error code.
-type Answer = (Duration, Result<String, String>);
-
 /// `requests` get_token over CONNECTIONS connections spread over `sockets`.
 fn storm(sockets: &[PathBuf], requests: usize) -> Vec<Answer> {
     let conns = CONNECTIONS.min(requests);
@@ -271,55 +245,7 @@ fn storm(sockets: &[PathBuf], requests: usize) -> Vec<Answer> {
         0,
         "REQUESTS must be a multiple of {conns}"
     );
-    let per_conn = requests / conns;
-    let streams: Vec<UnixStream> = (0..conns)
-        .map(|c| connect(&sockets[c % sockets.len()]))
-        .collect();
-    let barrier = Arc::new(Barrier::new(conns));
-    let threads: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(c, mut s)| {
-            let barrier = barrier.clone();
-            thread::spawn(move || {
-                barrier.wait();
-                let mut sent = Vec::with_capacity(per_conn);
-                for i in 0..per_conn {
-                    sent.push(Instant::now());
-                    send(
-                        &mut s,
-                        &json!({"id": format!("{c}-{i}"), "op": "get_token",
-                                "payload": {"provider": "anthropic"}}),
-                    );
-                }
-                let mut out = Vec::with_capacity(per_conn);
-                for _ in 0..per_conn {
-                    let reply = recv(&mut s);
-                    let id = reply["id"].as_str().expect("id");
-                    let i: usize = id.split('-').nth(1).unwrap().parse().unwrap();
-                    let answer = match reply["data"]["access_token"].as_str() {
-                        Some(t) if reply["ok"] == true => Ok(t.to_owned()),
-                        _ => Err(reply["code"].as_str().unwrap_or("?").to_owned()),
-                    };
-                    out.push((sent[i].elapsed(), answer));
-                }
-                out
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .flat_map(|t| t.join().expect("thread"))
-        .collect()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+    storm::fire(sockets, conns, requests / conns)
 }
 
 fn main() {

@@ -12,51 +12,27 @@
 //! connections x 10 requests in flight each, under the 16 in-flight limit), all written
 //! before any answer is read, from one thread per connection released together.
 
+#[path = "support/storm.rs"]
+mod storm;
+
 #[path = "../tests/common/token_endpoint.rs"]
 #[allow(dead_code)]
 mod token_endpoint;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use credproxy::backend::MemoryBackend;
 use credproxy::oauth::{Endpoint, EndpointOverride};
 use credproxy::refresh::RefreshConfig;
 use credproxy::token::Token;
 use credproxy::{Config, Supervisor};
-use serde_json::{json, Value};
+use serde_json::json;
+use storm::{ms, percentile};
 use token_endpoint::{Reply, TokenEndpoint};
 
 fn now() -> u64 {
     credproxy::oauth::epoch_seconds(std::time::SystemTime::now())
-}
-
-fn send(stream: &mut UnixStream, value: &Value) {
-    let body = value.to_string();
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    stream.write_all(&frame).expect("write");
-}
-
-fn recv(stream: &mut UnixStream) -> Value {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).expect("read");
-    let mut body = vec![0; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).expect("read");
-    serde_json::from_slice(&body).expect("json")
-}
-
-fn connect(path: &std::path::Path) -> UnixStream {
-    let mut s = UnixStream::connect(path).expect("connect");
-    send(
-        &mut s,
-        &json!({"v":1,"id":"h","op":"handshake","payload":{"versions":[1]}}),
-    );
-    let reply = recv(&mut s);
-    assert_eq!(reply["ok"], true, "{reply}");
-    s
 }
 
 struct Storm {
@@ -98,43 +74,9 @@ fn storm(n: usize, latency: Duration, expired: bool) -> Storm {
     let server = Supervisor::start(config).expect("start");
     let path = server.socket_path().to_owned();
     let conns = n.min(100);
-    let per_conn = n / conns;
-    let streams: Vec<UnixStream> = (0..conns).map(|_| connect(&path)).collect();
-    let barrier = Arc::new(Barrier::new(conns));
-    let threads: Vec<_> = streams
+    let answers: Vec<(Duration, String)> = storm::fire(&[path], conns, n / conns)
         .into_iter()
-        .enumerate()
-        .map(|(c, mut s)| {
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut sent = Vec::with_capacity(per_conn);
-                for i in 0..per_conn {
-                    sent.push(Instant::now());
-                    send(
-                        &mut s,
-                        &json!({"id": format!("{c}-{i}"), "op": "get_token",
-                                "payload": {"provider": "anthropic"}}),
-                    );
-                }
-                let mut out = Vec::with_capacity(per_conn);
-                for _ in 0..per_conn {
-                    let reply = recv(&mut s);
-                    let id = reply["id"].as_str().expect("id");
-                    let i: usize = id.split('-').nth(1).unwrap().parse().unwrap();
-                    let token = reply["data"]["access_token"]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("{reply}"))
-                        .to_owned();
-                    out.push((sent[i].elapsed(), token));
-                }
-                out
-            })
-        })
-        .collect();
-    let answers: Vec<(Duration, String)> = threads
-        .into_iter()
-        .flat_map(|t| t.join().expect("thread"))
+        .map(|(d, answer)| (d, answer.unwrap_or_else(|code| panic!("answered {code}"))))
         .collect();
     let mut tokens: Vec<&String> = answers.iter().map(|(_, t)| t).collect();
     tokens.sort();
@@ -146,15 +88,6 @@ fn storm(n: usize, latency: Duration, expired: bool) -> Storm {
     };
     server.shutdown_blocking().expect("shutdown");
     result
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn main() {
